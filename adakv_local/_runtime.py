@@ -1,0 +1,207 @@
+"""Thin, typed helpers over llama-cpp-python's low-level ctypes API.
+
+Everything that touches ``llama_cpp.llama_cpp`` directly lives here, so that ``llm.py``
+reads as orchestration. Includes a log sink that keeps llama.cpp's recent log lines, so
+errors can quote the reason llama.cpp gave (it reports most failures only in its log).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .errors import AdaKVError, ModelError
+
+try:
+    import llama_cpp
+    import llama_cpp.llama_cpp as C
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "llama_cpp (the patched llama-cpp-python runtime) is not installed; run "
+        "`python -m adakv_local.build_runtime` or `make setup`"
+    ) from e
+
+_LOG_LINES: collections.deque[str] = collections.deque(maxlen=200)
+_LOG_LOCK = threading.Lock()
+_VERBOSE = [False]
+_CUR: list[str] = [""]
+
+
+@C.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    s = text.decode("utf-8", errors="replace")
+    if _VERBOSE[0]:
+        print(s, end="", file=sys.stderr, flush=True)
+    with _LOG_LOCK:
+        _CUR[0] += s
+        while "\n" in _CUR[0]:
+            line, _CUR[0] = _CUR[0].split("\n", 1)
+            _LOG_LINES.append(line)
+
+
+_BACKEND_READY = [False]
+
+
+def init_backend(verbose: bool = False) -> None:
+    """Initialise llama.cpp once and route its log through our sink."""
+    _VERBOSE[0] = verbose
+    if not _BACKEND_READY[0]:
+        C.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        C.llama_backend_init()
+        _BACKEND_READY[0] = True
+
+
+def set_verbose(verbose: bool) -> None:
+    """Print llama.cpp's log to stderr (True) or only keep it for error messages."""
+    _VERBOSE[0] = verbose
+
+
+def recent_log(n: int = 8, pattern: str | None = None) -> list[str]:
+    """The last ``n`` llama.cpp log lines (those matching ``pattern`` when given)."""
+    with _LOG_LOCK:
+        lines = list(_LOG_LINES)
+    if pattern is not None:
+        rx = re.compile(pattern)
+        lines = [ln for ln in lines if rx.search(ln)]
+    return lines[-n:]
+
+
+def clear_log() -> None:
+    """Forget the kept log lines (so that the next error quotes only its own)."""
+    with _LOG_LOCK:
+        _LOG_LINES.clear()
+
+
+def load_model(path: Path, n_gpu_layers: int) -> Any:
+    """Load a GGUF model; raises ModelError with llama.cpp's reason on failure."""
+    params = C.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    clear_log()
+    model = C.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        why = recent_log(6, r"(error|failed|invalid|truncat|EOF|corrupt|unable)")
+        detail = ("\n  llama.cpp: " + "\n  llama.cpp: ".join(why)) if why else ""
+        raise ModelError(
+            f"llama.cpp could not load {path}: the file is damaged, truncated, or of an "
+            f"unsupported architecture/version.{detail}\nRe-fetch it (`adakv-local models "
+            "fetch`) or check the file."
+        )
+    return model
+
+
+def meta_str(model: Any, key: str) -> str | None:
+    """A GGUF metadata value as a string, or None."""
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = C.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        C.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    """Text to token ids with the model's tokenizer."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 16
+    buf = (C.llama_token * n_max)()
+    n = C.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+    if n < 0:
+        n_max = -n
+        buf = (C.llama_token * n_max)()
+        n = C.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:  # pragma: no cover
+            raise AdaKVError("tokenization failed")
+    return list(buf[:n])
+
+
+def token_piece(vocab: Any, token: int, *, special: bool = False) -> bytes:
+    """The bytes a token stands for."""
+    buf = ctypes.create_string_buffer(64)
+    n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = C.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[:n]
+
+
+def token_text(vocab: Any, token: int) -> str:
+    """The vocabulary text of a token (for bos/eos strings in chat templates)."""
+    t = C.llama_vocab_get_text(vocab, token)
+    return t.decode("utf-8", errors="replace") if t else ""
+
+
+class Batch:
+    """A reusable llama_batch for one sequence."""
+
+    def __init__(self, n_max: int) -> None:
+        self.n_max = n_max
+        self.batch = C.llama_batch_init(n_max, 0, 1)
+
+    def fill(self, tokens: list[int], pos0: int, logits_last: bool = True,
+             logits_all: bool = False) -> None:
+        """Load ``tokens`` at positions ``pos0...`` (sequence 0)."""
+        n = len(tokens)
+        if n > self.n_max:  # pragma: no cover - callers chunk by n_batch
+            raise ValueError("batch overflow")
+        b = self.batch
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = logits_all or (logits_last and i == n - 1)
+
+    def free(self) -> None:
+        """Release the batch's memory."""
+        if self.batch is not None:
+            C.llama_batch_free(self.batch)
+            self.batch = None
+
+
+def decode(ctx: Any, batch: Batch) -> None:
+    """llama_decode with errors turned into exceptions."""
+    rc = C.llama_decode(ctx, batch.batch)
+    if rc != 0:
+        why = recent_log(4)
+        raise AdaKVError(
+            f"llama_decode failed with code {rc} ({'no room in the KV cache' if rc == 1 else 'error'})"
+            + ("\n  llama.cpp: " + "\n  llama.cpp: ".join(why) if why else "")
+        )
+
+
+def logits_row(ctx: Any, i: int, n_vocab: int) -> Any:
+    """Logits of batch entry ``i`` (-1: the last) as a numpy float32 view copy."""
+    import numpy as np
+
+    ptr = C.llama_get_logits_ith(ctx, i)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+
+def make_sampler(*, temperature: float, top_p: float, top_k: int, min_p: float,
+                 seed: int) -> Any:
+    """A llama.cpp sampler chain: greedy for temperature 0, else top-k/top-p/min-p/temp/dist.
+
+    Same order as llama-cpp-python's ``Llama``, so seeded output matches it.
+    """
+    chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+    if temperature == 0.0:
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+    else:
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(top_k))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_typical(1.0, 1))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(top_p, 1))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_min_p(min_p, 1))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(temperature))
+        C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
+
+
+__all__ = ["C", "llama_cpp"]

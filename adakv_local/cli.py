@@ -1,0 +1,197 @@
+"""The ``adakv-local`` command line: chat, demo, models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import AdaKVError
+from .models import DEFAULT_MODEL, REGISTRY, fetch, is_fetched, model_path
+
+DEMO_QUESTION = (
+    "In two sentences: why does a language model keep a KV cache, and what does it cost?"
+)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def kv_summary(stats: dict[str, Any]) -> str:
+    """One line comparing the KV memory held with what vanilla llama.cpp holds."""
+    alloc, vanilla = stats["bytes_allocated"], stats["vanilla_bytes"]
+    line = (
+        f"[kv] {stats['mode']}: {stats['tokens_seen']} tokens seen, KV allocated "
+        f"{_fmt_bytes(alloc)} (live {_fmt_bytes(stats['bytes_used'])}); vanilla llama.cpp: "
+        f"{_fmt_bytes(vanilla)} for n_ctx={stats['n_ctx']}"
+    )
+    if stats["mode"] != "vanilla" and vanilla:
+        line += f" -> {100 * (1 - alloc / vanilla):.0f}% saved"
+    return line
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help=f"GGUF path or registry name (default: {DEFAULT_MODEL})")
+    p.add_argument("--kv-budget", type=int, default=None,
+                   help="average KV rows kept per head (default: none = vanilla llama.cpp)")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context window (default 4096)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (256)")
+    p.add_argument("--temperature", "-t", type=float, default=0.2,
+                   help="sampling temperature (0 = greedy; default 0.2)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=40)
+
+
+def _open(ns: argparse.Namespace) -> Any:
+    from .llm import LocalLLM
+
+    return LocalLLM(ns.model, kv_budget=ns.kv_budget, n_ctx=ns.n_ctx, n_threads=ns.threads,
+                    n_gpu_layers=ns.n_gpu_layers, seed=ns.seed, verbose=ns.verbose)
+
+
+def _stream_answer(llm: Any, messages: list[dict[str, str]], ns: argparse.Namespace) -> str:
+    parts: list[str] = []
+    for chunk in llm.chat(messages, max_tokens=ns.max_tokens, temperature=ns.temperature,
+                          top_p=ns.top_p, top_k=ns.top_k, stream=True):
+        piece = chunk["choices"][0]["delta"].get("content", "")
+        if piece:
+            parts.append(piece)
+            print(piece, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    """One-shot (-p) or interactive chat."""
+    with _open(ns) as llm:
+        messages: list[dict[str, str]] = []
+        if ns.system:
+            messages.append({"role": "system", "content": ns.system})
+        if ns.prompt is not None:
+            text = ns.prompt
+            if ns.file:
+                with open(ns.file, encoding="utf-8") as f:
+                    text = f.read() + "\n\n" + text
+            messages.append({"role": "user", "content": text})
+            _stream_answer(llm, messages, ns)
+            if ns.show_kv:
+                print(kv_summary(llm.kv_stats()), file=sys.stderr)
+            return 0
+        print("adakv-local chat: type a message, /reset to start over, /kv for memory, "
+              "/quit or Ctrl-D to leave.", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/reset":
+                messages = messages[:1] if ns.system else []
+                llm.reset()
+                continue
+            if cmd == "/kv":
+                print(kv_summary(llm.kv_stats()), file=sys.stderr)
+                continue
+            messages.append({"role": "user", "content": line})
+            try:
+                answer = _stream_answer(llm, messages, ns)
+            except AdaKVError as e:
+                print(f"error: {e}", file=sys.stderr)
+                messages.pop()
+                continue
+            messages.append({"role": "assistant", "content": answer})
+            if ns.show_kv:
+                print(kv_summary(llm.kv_stats()), file=sys.stderr)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """The README's main job: answer on the default model and show the KV memory used."""
+    with _open(ns) as llm:
+        print(f"model: {llm.model_path.name} ({llm.architecture}, {llm.n_layer} layers, "
+              f"{llm.n_head}/{llm.n_head_kv} q/kv heads)")
+        print(f"user: {ns.question}")
+        print("assistant: ", end="", flush=True)
+        _stream_answer(llm, [{"role": "user", "content": ns.question}], ns)
+        print(kv_summary(llm.kv_stats()))
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    """List or fetch registry models."""
+    if ns.action == "list":
+        for name, info in sorted(REGISTRY.items()):
+            mark = "fetched" if is_fetched(name) else "not fetched"
+            default = " (default)" if name == DEFAULT_MODEL else ""
+            print(f"{name}{default}: {info.description}\n    {info.architecture}, "
+                  f"{info.license}, {info.size / 1e6:.0f} MB, {mark}: {model_path(name)}")
+        return 0
+    path = fetch(ns.name or DEFAULT_MODEL)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    ap = argparse.ArgumentParser(
+        prog="adakv-local",
+        description="Local GGUF inference with Ada-KV head-wise adaptive KV-cache eviction.",
+        epilog="Examples:\n  adakv-local demo\n  adakv-local chat -p 'Hello'\n"
+               "  adakv-local models fetch smollm2-135m",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("chat", help="chat with a model (interactive, or one-shot with -p)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("-p", "--prompt", default=None, help="one-shot prompt (no REPL)")
+    p.add_argument("-f", "--file", default=None, help="prepend this text file to the prompt")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--show-kv", action="store_true",
+                   help="after each answer, print KV memory held vs vanilla llama.cpp")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="answer one question on the default model, show KV memory")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--question", default=DEMO_QUESTION)
+    p.set_defaults(func=cmd_demo, temperature=0.0)
+
+    p = sub.add_parser("models", help="list or fetch registry models")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?", default=None, help=f"registry name ({DEFAULT_MODEL})")
+    p.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``adakv-local`` console script."""
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except (AdaKVError, ValueError, NotImplementedError, OSError) as e:
+        print(f"adakv-local: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,567 @@
+"""``LocalLLM``: chat and completion over a GGUF model with llama.cpp.
+
+``kv_budget=None`` runs vanilla llama.cpp (one KV row per token, every head). The same class
+is the place where the Ada-KV ragged cache is switched on (see DESIGN.md §4).
+
+Responses have the shapes llama-cpp-python's ``Llama.create_chat_completion`` and
+``Llama.create_completion`` return (OpenAI-style dicts, or iterators of chunks with
+``stream=True``), so code written against llama-cpp-python keeps working.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _runtime as R
+from .errors import AdaKVError, ContextOverflowError, ModelError
+from .models import resolve_model
+
+C = R.C
+
+ROLES = ("system", "user", "assistant", "tool")
+Message = dict[str, Any]
+
+
+@dataclass
+class _Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    stop: list[str]
+    seed: int
+
+
+@dataclass
+class _Stats:
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    reused_tokens: int = 0
+    resets: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_sampling(max_tokens: int | None, temperature: float, top_p: float, top_k: int,
+                    min_p: float, stop: str | Sequence[str] | None, seed: int | None,
+                    default_seed: int) -> _Sampling:
+    """Validate sampling arguments; ValueError names the bad one."""
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ValueError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not (0.0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+    if not isinstance(min_p, (int, float)) or not (0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1], got {min_p!r}")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    else:
+        stops = list(stop)
+    if any(not isinstance(s, str) for s in stops):
+        raise ValueError("stop must be a string or a list of strings")
+    stops = [s for s in stops if s]
+    if seed is not None and (not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return _Sampling(
+        max_tokens=max_tokens if max_tokens is not None else 1 << 30,
+        temperature=float(temperature), top_p=float(top_p), top_k=top_k,
+        min_p=float(min_p), stop=stops, seed=default_seed if seed is None else seed,
+    )
+
+
+def _check_messages(messages: str | Sequence[Message]) -> list[Message]:
+    """Normalise ``chat``'s input to a validated message list."""
+    if isinstance(messages, str):
+        if not messages:
+            raise ValueError("the prompt is empty")
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, Sequence) or len(messages) == 0:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
+                         "(or a string for a single user message)")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(
+                f"messages[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}"
+            )
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}]['content'] must be a string, got "
+                             f"{type(content).__name__}")
+        out.append(dict(m))
+    return out
+
+
+class LocalLLM:
+    """A local GGUF model with an (optionally) Ada-KV-compressed KV cache.
+
+    Args:
+        model: path to a ``.gguf`` file or a registry name (``adakv-local models list``);
+            None means the embedded default model (fetched on first use).
+        kv_budget: average KV rows kept per head; None runs vanilla llama.cpp.
+        n_ctx: context window in tokens (prompt plus generated tokens).
+        n_batch: tokens per llama_decode call during prefill.
+        n_threads: CPU threads (default: all cores).
+        n_gpu_layers: layers offloaded to the GPU (-1: all) in CUDA builds.
+        seed: default sampling seed (None: random).
+        verbose: print llama.cpp's log and progress bars.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | None = None,
+        kv_budget: int | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        seed: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self._ctx: Any = None
+        self._model: Any = None
+        self._batch: R.Batch | None = None
+        self._stream: Iterator[Any] | None = None
+        if kv_budget is not None:
+            raise NotImplementedError(
+                "kv_budget (Ada-KV eviction) needs the ragged KV runtime, which this build "
+                "does not have yet; use kv_budget=None for vanilla llama.cpp"
+            )
+        for name, val, lo in (("n_ctx", n_ctx, 16), ("n_batch", n_batch, 1)):
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+            raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
+        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+            raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers!r}")
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+
+        self.model_path: Path = resolve_model(model)
+        self.kv_budget = kv_budget
+        self.verbose = verbose
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        self.n_threads = n_threads or max(1, os.cpu_count() or 1)
+        R.init_backend(verbose)
+
+        self._model = R.load_model(self.model_path, n_gpu_layers)
+        self._vocab = C.llama_model_get_vocab(self._model)
+        self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
+        self.n_layer = C.llama_model_n_layer(self._model)
+        self.n_head = C.llama_model_n_head(self._model)
+        self.n_head_kv = C.llama_model_n_head_kv(self._model)
+        arch = R.meta_str(self._model, "general.architecture") or "llama"
+        self.architecture = arch
+        n_embd = C.llama_model_n_embd(self._model)
+        kl = R.meta_str(self._model, f"{arch}.attention.key_length")
+        vl = R.meta_str(self._model, f"{arch}.attention.value_length")
+        self.head_dim_k = int(kl) if kl else n_embd // max(1, self.n_head)
+        self.head_dim_v = int(vl) if vl else self.head_dim_k
+        if n_ctx > self.n_ctx_train and verbose:
+            print(f"warning: n_ctx={n_ctx} exceeds the model's training context "
+                  f"{self.n_ctx_train}", file=sys.stderr)
+
+        cp = C.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_batch, 512)
+        cp.n_seq_max = 1
+        cp.n_threads = self.n_threads
+        cp.n_threads_batch = self.n_threads
+        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        cp.no_perf = True
+        self._cparams = cp
+        R.clear_log()
+        self._ctx = C.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            why = R.recent_log(4)
+            self.close()
+            raise ModelError(
+                f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?): "
+                + " | ".join(why)
+            )
+        self.n_ctx = C.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._mem = C.llama_get_memory(self._ctx)
+        self._batch = R.Batch(n_batch)
+        self._tokens: list[int] = []  # every token whose KV is in the cache, in order
+        self._stats = _Stats()
+
+        self._bos = C.llama_vocab_bos(self._vocab)
+        self._eos = C.llama_vocab_eos(self._vocab)
+        self._template = R.meta_str(self._model, "tokenizer.chat_template")
+        self._formatter: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Free the context and the model. The object is unusable afterwards."""
+        if self._stream is not None:
+            try:
+                self._stream.close()  # type: ignore[attr-defined]
+            except Exception:  # pragma: no cover
+                pass
+            self._stream = None
+        if self._batch is not None:
+            self._batch.free()
+            self._batch = None
+        if self._ctx is not None:
+            C.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            C.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LocalLLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def _check_open(self) -> None:
+        if self._ctx is None:
+            raise AdaKVError("this LocalLLM is closed; create a new one")
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Tokenize ``text`` with the model's tokenizer."""
+        self._check_open()
+        return R.tokenize(self._vocab, text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids back to text."""
+        self._check_open()
+        return b"".join(R.token_piece(self._vocab, t) for t in tokens).decode(
+            "utf-8", errors="replace")
+
+    def format_chat(self, messages: str | Sequence[Message]) -> str:
+        """The prompt text the model's chat template makes of ``messages``."""
+        self._check_open()
+        msgs = _check_messages(messages)
+        if self._formatter is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            if not self._template:
+                raise ModelError(
+                    f"{self.model_path.name} has no chat template in its GGUF metadata; "
+                    "use complete() with your own prompt format"
+                )
+            self._formatter = Jinja2ChatFormatter(
+                template=self._template,
+                eos_token=R.token_text(self._vocab, self._eos) if self._eos >= 0 else "",
+                bos_token=R.token_text(self._vocab, self._bos) if self._bos >= 0 else "",
+            )
+        try:
+            return str(self._formatter(messages=msgs).prompt)
+        except Exception as e:
+            raise ValueError(f"the model's chat template rejected these messages: {e}") from e
+
+    # ------------------------------------------------------------------ public API
+    def chat(
+        self,
+        messages: str | Sequence[Message],
+        *,
+        max_tokens: int | None = 256,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Answer a conversation, like ``Llama.create_chat_completion``.
+
+        ``messages`` is a list of ``{"role", "content"}`` dicts (or one user string). Turns
+        already in the cache are reused; only the new suffix is prefilled.
+        """
+        self._check_open()
+        prompt = self.format_chat(messages)
+        sp = _check_sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed, self.seed)
+        tokens = R.tokenize(self._vocab, prompt, add_special=False, parse_special=True)
+        eos_text = R.token_text(self._vocab, self._eos) if self._eos >= 0 else ""
+        if eos_text and eos_text not in sp.stop:
+            sp.stop.append(eos_text)
+        gen = self._generate(tokens, sp)
+        if stream:
+            return self._track(self._chat_chunks(gen))
+        return self._chat_response(gen)
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = 128,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Continue raw text, like ``Llama.create_completion``."""
+        self._check_open()
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string")
+        sp = _check_sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed, self.seed)
+        tokens = R.tokenize(self._vocab, prompt, add_special=True, parse_special=True)
+        gen = self._generate(tokens, sp)
+        if stream:
+            return self._track(self._completion_chunks(gen))
+        return self._completion_response(gen)
+
+    def reset(self) -> None:
+        """Forget the conversation: empty the KV cache."""
+        self._check_open()
+        C.llama_memory_clear(self._mem, True)
+        self._tokens = []
+
+    def kv_stats(self) -> dict[str, Any]:
+        """KV-cache memory now, and what vanilla llama.cpp would hold for the same tokens.
+
+        Keys: ``tokens_seen`` (tokens whose KV the cache represents), ``rows_kept`` (per
+        head, on average), ``bytes_allocated`` (KV bytes allocated), ``bytes_used`` (bytes of
+        live rows), ``vanilla_bytes`` (what vanilla llama.cpp allocates for this n_ctx),
+        ``vanilla_bytes_for_tokens`` (the least a full cache needs for ``tokens_seen``), plus
+        timing counters.
+        """
+        self._check_open()
+        row = self.kv_row_bytes()
+        n = len(self._tokens)
+        vanilla_alloc = self.n_ctx * row
+        st = self._stats
+        return {
+            "mode": "vanilla" if self.kv_budget is None else "ada-kv",
+            "tokens_seen": n,
+            "rows_kept": n,
+            "n_ctx": self.n_ctx,
+            "bytes_allocated": vanilla_alloc,
+            "bytes_used": n * row,
+            "vanilla_bytes": vanilla_alloc,
+            "vanilla_bytes_for_tokens": n * row,
+            "row_bytes_all_heads": row,
+            "prefill_tokens": st.prefill_tokens,
+            "prefill_seconds": st.prefill_seconds,
+            "decode_tokens": st.decode_tokens,
+            "decode_seconds": st.decode_seconds,
+            "reused_tokens": st.reused_tokens,
+            "cache_resets": st.resets,
+        }
+
+    def kv_row_bytes(self) -> int:
+        """Bytes of K and V for one token across all layers and KV heads (f16 cache)."""
+        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * 2
+
+    @property
+    def tokens_in_cache(self) -> list[int]:
+        """The tokens whose KV the cache holds (the conversation so far)."""
+        return list(self._tokens)
+
+    # ------------------------------------------------------------------ engine
+    def _track(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self._stream is not None:
+            try:
+                self._stream.close()  # type: ignore[attr-defined]
+            except Exception:  # pragma: no cover
+                pass
+        self._stream = it
+        return it
+
+    def _sync_prefix(self, tokens: list[int]) -> int:
+        """Drop cached tokens past the common prefix with ``tokens``; returns kept count."""
+        n = 0
+        lim = min(len(self._tokens), len(tokens))
+        while n < lim and self._tokens[n] == tokens[n]:
+            n += 1
+        if n == len(tokens):
+            n -= 1  # re-evaluate the last prompt token to get fresh logits
+        if n < len(self._tokens):
+            ok = C.llama_memory_seq_rm(self._mem, 0, n, -1)
+            if not ok:
+                C.llama_memory_clear(self._mem, True)
+                n = 0
+            if n == 0 and self._tokens:
+                self._stats.resets += 1
+            del self._tokens[n:]
+        return n
+
+    def _prefill(self, tokens: list[int], start: int) -> None:
+        assert self._batch is not None
+        todo = len(tokens) - start
+        bar = None
+        if self.verbose and todo > 2048 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            bar = tqdm(total=todo, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+        t0 = time.perf_counter()
+        pos = start
+        try:
+            while pos < len(tokens):
+                chunk = tokens[pos:pos + self.n_batch]
+                self._batch.fill(chunk, pos, logits_last=pos + len(chunk) == len(tokens))
+                R.decode(self._ctx, self._batch)
+                self._tokens.extend(chunk)
+                pos += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        self._stats.prefill_tokens += len(tokens) - start
+        self._stats.prefill_seconds += time.perf_counter() - t0
+
+    def _generate(self, tokens: list[int], sp: _Sampling) -> Iterator[tuple[str, str | None]]:
+        """Prefill ``tokens`` then yield (text delta, finish_reason or None)."""
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(tokens)} tokens but the context window holds "
+                f"{self.n_ctx}; shorten it or create LocalLLM(n_ctx=...) with a larger n_ctx"
+            )
+        return self._run(tokens, sp)
+
+    def _run(self, tokens: list[int], sp: _Sampling) -> Iterator[tuple[str, str | None]]:
+        start = self._sync_prefix(tokens)
+        self._stats.reused_tokens += start
+        self._prefill(tokens, start)
+        self._last_prompt_tokens = len(tokens)
+        self._last_completion_tokens = 0
+        smpl = R.make_sampler(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                              min_p=sp.min_p, seed=sp.seed)
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = ""  # generated text not yet emitted
+        max_stop = max((len(s) for s in sp.stop), default=0)
+        finish = "length"
+        n_gen = 0
+        assert self._batch is not None
+        try:
+            while n_gen < sp.max_tokens:
+                if len(self._tokens) >= self.n_ctx:
+                    break
+                t0 = time.perf_counter()
+                tok = C.llama_sampler_sample(smpl, self._ctx, -1)
+                n_gen += 1
+                self._last_completion_tokens = n_gen
+                if C.llama_vocab_is_eog(self._vocab, tok):
+                    finish = "stop"
+                    break
+                self._batch.fill([tok], len(self._tokens))
+                R.decode(self._ctx, self._batch)
+                self._tokens.append(tok)
+                self._stats.decode_tokens += 1
+                self._stats.decode_seconds += time.perf_counter() - t0
+                text += dec.decode(R.token_piece(self._vocab, tok))
+                hit = min((text.find(s) for s in sp.stop if s in text), default=-1)
+                if hit >= 0:
+                    if hit:
+                        yield text[:hit], None
+                    finish = "stop"
+                    text = ""
+                    break
+                # emit everything that cannot be the start of a stop string
+                hold = 0
+                for k in range(min(max_stop - 1, len(text)), 0, -1):
+                    if any(s.startswith(text[-k:]) for s in sp.stop):
+                        hold = k
+                        break
+                if len(text) > hold:
+                    yield text[:len(text) - hold], None
+                    text = text[len(text) - hold:]
+            text += dec.decode(b"", final=True)
+            if text and finish == "length":
+                yield text, None
+        finally:
+            C.llama_sampler_free(smpl)
+        yield "", finish
+
+    def _usage(self) -> dict[str, int]:
+        p, c = self._last_prompt_tokens, self._last_completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _chat_response(self, gen: Iterator[tuple[str, str | None]]) -> dict[str, Any]:
+        parts: list[str] = []
+        finish: str | None = None
+        for delta, fin in gen:
+            parts.append(delta)
+            finish = fin or finish
+        return {
+            "id": f"chatcmpl-{uuid.uuid4()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(self.model_path),
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts)},
+                "logprobs": None,
+                "finish_reason": finish,
+            }],
+            "usage": self._usage(),
+        }
+
+    def _chat_chunks(self, gen: Iterator[tuple[str, str | None]]) -> Iterator[dict[str, Any]]:
+        cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
+
+        def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created,
+                    "model": str(self.model_path),
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                 "finish_reason": finish}]}
+
+        yield chunk({"role": "assistant"}, None)
+        for delta, fin in gen:
+            if delta:
+                yield chunk({"content": delta}, None)
+            if fin is not None:
+                yield chunk({}, fin)
+
+    def _completion_response(self, gen: Iterator[tuple[str, str | None]]) -> dict[str, Any]:
+        parts: list[str] = []
+        finish: str | None = None
+        for delta, fin in gen:
+            parts.append(delta)
+            finish = fin or finish
+        return {
+            "id": f"cmpl-{uuid.uuid4()}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": str(self.model_path),
+            "choices": [{"text": "".join(parts), "index": 0, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": self._usage(),
+        }
+
+    def _completion_chunks(
+        self, gen: Iterator[tuple[str, str | None]]
+    ) -> Iterator[dict[str, Any]]:
+        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
+        for delta, fin in gen:
+            if delta or fin is not None:
+                yield {"id": cid, "object": "text_completion", "created": created,
+                       "model": str(self.model_path),
+                       "choices": [{"text": delta, "index": 0, "logprobs": None,
+                                    "finish_reason": fin}]}
+

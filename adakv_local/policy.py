@@ -1,0 +1,574 @@
+"""Ada-KV and baseline KV-cache selection policies: the numpy face of ``native/``.
+
+The C library (``adakv_local._native``, built by cffi from ``native/``) does the work;
+this module validates input, lays it out, and wraps the results.
+
+Per layer, the input is the raw *window scores* of the patched runtime's observe step:
+for every query head and every live row of its KV head, the SUM over the ``n_obs``
+window queries of their softmax attention to that row. Query heads
+``h*n_q_per_kv .. h*n_q_per_kv + n_q_per_kv - 1`` belong to KV head ``h`` (llama.cpp's
+GQA order). Rows are in position order; the last ``window`` rows of every head are the
+observation window, always kept and never scored.
+
+Give the scores of a layer as
+
+* a 2-D array ``[n_head_kv * n_q_per_kv, len]`` when every KV head holds ``len`` rows, or
+* a sequence of per-KV-head arrays ``[n_q_per_kv, len_h]`` (1-D ``[len_h]`` is accepted
+  when ``n_q_per_kv == 1``) when heads hold different numbers of rows (ragged, the
+  multi-turn case), or
+* a flat float32 array plus per-head lengths (:func:`select_flat`; zero copy), laid out
+  as the per-head blocks above one after the other.
+
+Steps (following the official Ada-KV code, see ``native/adakv.h``): scores / n_obs
+(the window mean; a common positive factor, so no ranking changes), GQA aggregation
+(mean or max over the group), pooling over the scored rows (max or avg, odd kernel,
+same padding), then an allocator decides how many scored rows each head keeps
+(uniform ``B' = budget - window``, Ada-KV's layer-wide top-k with the ``floor_alpha``
+safeguard, or the PyramidKV per-layer schedule), and each head keeps its top rows
+(ties: lower row) plus its window.
+
+Example (8 query heads in 2 KV heads, 300 rows each)::
+
+    cfg = PolicyConfig("ada-snapkv", budget=64, window=8)
+    sel = select(cfg, 0, np.random.default_rng(0).random((8, 300), dtype=np.float32), 4)
+    sel.keep[0], sel.keep[1]      # sorted int32 rows kept by each KV head
+    sel.counts.sum()              # about 2 * 64
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._native import ffi, lib
+
+__all__ = [
+    "GQA_MODES",
+    "POLICIES",
+    "POOLINGS",
+    "KeptMass",
+    "PolicyConfig",
+    "Selection",
+    "kept_mass",
+    "kept_mass_layers",
+    "pooled_scores",
+    "select",
+    "select_flat",
+    "select_layers",
+    "select_pooled",
+]
+
+POLICIES: dict[str, int] = {
+    "full": lib.ADAKV_POLICY_FULL,
+    "streaming": lib.ADAKV_POLICY_STREAMING,
+    "snapkv": lib.ADAKV_POLICY_SNAPKV,
+    "ada-snapkv": lib.ADAKV_POLICY_ADA_SNAPKV,
+    "pyramid": lib.ADAKV_POLICY_PYRAMID,
+    "ada-pyramid": lib.ADAKV_POLICY_ADA_PYRAMID,
+}
+"""Policy names and their C codes."""
+
+POOLINGS: dict[str, int] = {"max": lib.ADAKV_POOL_MAX, "avg": lib.ADAKV_POOL_AVG}
+"""Pooling names (along rows, odd kernel, stride 1, same padding)."""
+
+GQA_MODES: dict[str, int] = {"mean": lib.ADAKV_GQA_MEAN, "max": lib.ADAKV_GQA_MAX}
+"""How the query heads of one GQA group are aggregated into one score per KV-head row."""
+
+_SCORED = frozenset({"snapkv", "ada-snapkv", "pyramid", "ada-pyramid"})
+_PYRAMID = frozenset({"pyramid", "ada-pyramid"})
+_INT32_MAX = 2**31 - 1
+
+ScoresLike = np.ndarray | Sequence[np.ndarray]
+"""A layer's scores: 2-D ``[n_q_head, len]`` or a sequence of per-KV-head blocks."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _int(name: str, value: Any, lo: int, hi: int = _INT32_MAX) -> int:
+    """``value`` as a Python int in [lo, hi]; ValueError naming ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected an integer, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _check(status: int) -> None:
+    """Raise ValueError with the C library's message (it names the parameter)."""
+    if status != lib.ADAKV_OK:
+        raise ValueError(ffi.string(lib.adakv_strerror(status)).decode())
+
+
+_tls = threading.local()
+
+
+def _workspace(nbytes: int) -> np.ndarray:
+    """A per-thread scratch buffer of at least ``nbytes`` bytes (grown, never shrunk)."""
+    buf = getattr(_tls, "ws", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 16), dtype=np.uint8)
+        _tls.ws = buf
+    return buf
+
+
+def _ptr(ctype: str, arr: np.ndarray) -> Any:
+    return ffi.cast(ctype, ffi.from_buffer(arr))
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """How to select rows; shared by every layer of a model.
+
+    Attributes:
+        policy: one of :data:`POLICIES`: ``full``, ``streaming`` (``n_sinks`` first rows +
+            most recent), ``snapkv`` (uniform), ``ada-snapkv`` (Ada-KV), ``pyramid`` and
+            ``ada-pyramid`` (PyramidKV per-layer budgets, then uniform / Ada-KV).
+        budget: rows per KV head on average, window included (``>= window``, ``>= 1``).
+        window: observation window: the last ``window`` rows of every head, always kept.
+        floor_alpha: Ada-KV safeguard ``alpha`` in [0, 1]: every head keeps at least
+            ``int(alpha * B')`` scored rows; ``1`` is uniform (equals ``snapkv``).
+        pooling: ``max`` or ``avg`` (avg counts the zero padding, like torch's default).
+        kernel: odd pooling kernel >= 1 (``1``: no pooling).
+        gqa: ``mean`` or ``max`` over the query heads of a group.
+        n_layers: number of layers; required by the pyramid policies.
+        beta: PyramidKV steepness (``min = B' // beta``).
+        n_sinks: StreamingLLM attention sinks.
+    """
+
+    policy: str = "ada-snapkv"
+    budget: int = 1024
+    window: int = 32
+    floor_alpha: float = 0.2
+    pooling: str = "max"
+    kernel: int = 7
+    gqa: str = "mean"
+    n_layers: int | None = None
+    beta: int = 20
+    n_sinks: int = 4
+    _c: Any = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ValueError(f"policy: unknown policy {self.policy!r}; expected one of "
+                             f"{sorted(POLICIES)}")
+        window = _int("window", self.window, 0)
+        budget = _int("budget", self.budget, 1)
+        if budget < window:
+            raise ValueError(f"budget: must be >= window ({window}), got {budget}")
+        if isinstance(self.floor_alpha, (bool, np.bool_)) or not isinstance(
+            self.floor_alpha, (int, float, np.integer, np.floating)
+        ):
+            raise ValueError(f"floor_alpha: expected a number, got {self.floor_alpha!r}")
+        alpha = float(self.floor_alpha)
+        if not 0.0 <= alpha <= 1.0:  # NaN fails too
+            raise ValueError(f"floor_alpha: must be in [0, 1], got {self.floor_alpha!r}")
+        if not isinstance(self.pooling, str) or self.pooling not in POOLINGS:
+            raise ValueError(f"pooling: unknown pooling {self.pooling!r}; expected one of "
+                             f"{sorted(POOLINGS)}")
+        kernel = _int("kernel", self.kernel, 1)
+        if kernel % 2 == 0:
+            raise ValueError(f"kernel: must be odd, got {kernel}")
+        if not isinstance(self.gqa, str) or self.gqa not in GQA_MODES:
+            raise ValueError(f"gqa: unknown GQA aggregation {self.gqa!r}; expected one of "
+                             f"{sorted(GQA_MODES)}")
+        n_layers = None if self.n_layers is None else _int("n_layers", self.n_layers, 1)
+        if self.policy in _PYRAMID and n_layers is None:
+            raise ValueError(f"n_layers: required by policy {self.policy!r}")
+        beta = _int("beta", self.beta, 1)
+        n_sinks = _int("n_sinks", self.n_sinks, 0)
+        c = ffi.new("adakv_config *")
+        c.policy = POLICIES[self.policy]
+        c.budget, c.window, c.floor_alpha = budget, window, alpha
+        c.pooling, c.kernel, c.gqa = POOLINGS[self.pooling], kernel, GQA_MODES[self.gqa]
+        c.n_layers, c.beta, c.n_sinks = n_layers or 0, beta, n_sinks
+        _check(lib.adakv_check_config(c))
+        object.__setattr__(self, "_c", c)
+
+    @property
+    def scored_budget(self) -> int:
+        """``B' = budget - window``: scored rows a head keeps on average."""
+        return int(self.budget) - int(self.window)
+
+    @property
+    def uses_scores(self) -> bool:
+        """Whether the policy reads the scores (all but ``full`` and ``streaming``)."""
+        return self.policy in _SCORED
+
+    def layer_budget(self, layer: int, lens: Sequence[int] | np.ndarray) -> int:
+        """Per-head scored-row budget ``B'_l`` of ``layer`` for heads of lengths ``lens``.
+
+        ``B'`` for every policy but the pyramid ones, which follow the official PyramidKV
+        schedule (integer arithmetic; the longest head's scored rows stand for the
+        official ``q_len - window``).
+        """
+        lens_a = _lens(lens)
+        out = ffi.new("int32_t *")
+        layer = _layer(self, layer)
+        _check(lib.adakv_layer_budget(self._c, layer, len(lens_a), _ptr("int32_t *", lens_a),
+                                      out))
+        return int(out[0])
+
+
+def _layer(cfg: PolicyConfig, layer: Any) -> int:
+    hi = (cfg.n_layers - 1) if cfg.n_layers is not None else _INT32_MAX
+    return _int("layer", layer, 0, hi)
+
+
+def _lens(lens: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(lens)
+    except Exception as exc:  # noqa: BLE001 - anything unconvertible is a bad argument
+        raise ValueError(f"lens: cannot read lengths: {exc}") from None
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"lens: expected a non-empty 1-D integer array, got {arr!r}")
+    if (arr < 0).any() or (arr > _INT32_MAX).any() or int(arr.sum()) > _INT32_MAX:
+        raise ValueError("lens: lengths must be >= 0 and sum to less than 2^31")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _blocks(scores: ScoresLike, n_q_per_kv: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of one layer as (flat float32 C-contiguous, lens int32); copies if needed."""
+    g = _int("n_q_per_kv", n_q_per_kv, 1)
+    if isinstance(scores, np.ndarray) or not isinstance(scores, Sequence):
+        arr = np.asarray(scores)
+        if arr.ndim != 2:
+            raise ValueError(f"scores: expected a 2-D array [n_q_head, len] or a list of "
+                             f"per-KV-head arrays, got shape {arr.shape}")
+        _numeric(arr, "scores")
+        if arr.shape[0] == 0 or arr.shape[0] % g != 0:
+            raise ValueError(f"scores: {arr.shape[0]} query heads is not a positive multiple "
+                             f"of n_q_per_kv={g}")
+        n_kv = arr.shape[0] // g
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        lens = np.full(n_kv, arr.shape[1], dtype=np.int32)
+        if arr.shape[1] > _INT32_MAX or n_kv * arr.shape[1] > _INT32_MAX:
+            raise ValueError("scores: too many rows")
+        return flat, lens
+    if len(scores) == 0:
+        raise ValueError("scores: no KV heads")
+    parts, lens_l = [], []
+    for h, blk in enumerate(scores):
+        b = np.asarray(blk)
+        _numeric(b, f"scores[{h}]")
+        if b.ndim == 1 and g == 1:
+            b = b[None, :]
+        if b.ndim != 2 or b.shape[0] != g:
+            raise ValueError(f"scores[{h}]: expected shape ({g}, len) for n_q_per_kv={g}, "
+                             f"got {b.shape}")
+        parts.append(np.asarray(b, dtype=np.float32).reshape(-1))
+        lens_l.append(b.shape[1])
+    lens = _lens(np.asarray(lens_l, dtype=np.int64))
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), lens
+
+
+def _numeric(arr: np.ndarray, name: str) -> None:
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a real-valued array, got dtype {arr.dtype}")
+
+
+def _flat(scores: Any, lens: Any, n_q_per_kv: int) -> tuple[np.ndarray, np.ndarray]:
+    g = _int("n_q_per_kv", n_q_per_kv, 1)
+    lens_a = _lens(lens)
+    arr = np.asarray(scores)
+    _numeric(arr, "scores")
+    if arr.ndim != 1:
+        raise ValueError(f"scores: select_flat expects a 1-D array, got shape {arr.shape}")
+    need = g * int(lens_a.sum())
+    if arr.size != need:
+        raise ValueError(f"scores: expected n_q_per_kv * sum(lens) = {need} values, "
+                         f"got {arr.size}")
+    return np.ascontiguousarray(arr, dtype=np.float32), lens_a
+
+
+def _n_obs(cfg: PolicyConfig, n_obs: int | None) -> int:
+    if n_obs is None:
+        n_obs = max(cfg.window, 1)
+    return _int("n_obs", n_obs, 1)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Rows to keep in one layer.
+
+    Attributes:
+        keep: per KV head, the kept row indices (int32, ascending, window included);
+            views into :attr:`rows`.
+        rows: all kept rows, heads one after the other (int32; the compaction input).
+        counts: rows kept per head, window included (int32).
+        caps: row allowance granted per head, window included (int32):
+            ``max(counts[h], granted)`` with granted ``B'_l + window`` (uniform),
+            ``cap_h + window`` (Ada-KV), ``budget`` (streaming) or the length (full).
+        lens: input rows per head (int32).
+        n_evicted: rows dropped in this layer (0: the layer fit its budget).
+        layer_budget: ``B'_l``, the per-head scored-row budget used for this layer.
+    """
+
+    keep: tuple[np.ndarray, ...]
+    rows: np.ndarray
+    counts: np.ndarray
+    caps: np.ndarray
+    lens: np.ndarray
+    n_evicted: int
+    layer_budget: int
+
+    @property
+    def n_head_kv(self) -> int:
+        """Number of KV heads."""
+        return len(self.keep)
+
+    @property
+    def evicted(self) -> bool:
+        """Whether any row was dropped."""
+        return self.n_evicted > 0
+
+
+@dataclass(frozen=True)
+class KeptMass:
+    """Attention mass a selection keeps, per KV head, and the Ada-KV bound term.
+
+    Attributes:
+        per_head: kept fraction of each head's window attention (float64, in [0, 1]).
+        bound: ``sum_h (1 - per_head[h])``; the L1 distance between the layer's attention
+            output before and after eviction is at most ``2C`` times this.
+    """
+
+    per_head: np.ndarray
+    bound: float
+
+
+def _run(cfg: PolicyConfig, layer: int, lens: np.ndarray, call: Any) -> Selection:
+    n_kv = len(lens)
+    total = int(lens.sum())
+    rows = np.empty(max(total, 1), dtype=np.int32)
+    counts = np.empty(n_kv, dtype=np.int32)
+    caps = np.empty(n_kv, dtype=np.int32)
+    ev = ffi.new("int64_t *")
+    lens_p = _ptr("int32_t *", lens)
+    ws_size = int(lib.adakv_workspace_size(cfg._c, n_kv, lens_p))
+    if ws_size == 0:
+        raise ValueError("lens: invalid layer shape")
+    ws = _workspace(ws_size)
+    _check(call(lens_p, ffi.from_buffer(ws), ws.nbytes, _ptr("int32_t *", counts),
+                _ptr("int32_t *", rows), _ptr("int32_t *", caps), ev))
+    rows = rows[: int(counts.sum())]
+    keep = tuple(np.split(rows, np.cumsum(counts)[:-1])) if n_kv > 1 else (rows,)
+    bl = ffi.new("int32_t *")
+    _check(lib.adakv_layer_budget(cfg._c, layer, n_kv, lens_p, bl))
+    return Selection(keep, rows, counts, caps, lens, int(ev[0]), int(bl[0]))
+
+
+def _finite_for_unscored(cfg: PolicyConfig, flat: np.ndarray) -> None:
+    # the C side checks the scores it reads; full/streaming read none, check here
+    if not cfg.uses_scores and not np.isfinite(flat).all():
+        raise ValueError("scores: NaN or infinite value")
+
+
+# --------------------------------------------------------------------------- API
+
+
+def select_flat(
+    config: PolicyConfig,
+    layer: int,
+    scores: np.ndarray,
+    lens: Sequence[int] | np.ndarray,
+    n_q_per_kv: int,
+    *,
+    n_obs: int | None = None,
+) -> Selection:
+    """Select the rows to keep in one layer from flat, C-layout scores (zero copy).
+
+    Args:
+        config: the policy.
+        layer: layer index (used by the pyramid policies).
+        scores: 1-D float32 array, per-KV-head blocks ``[n_q_per_kv][lens[h]]`` one
+            after the other (a contiguous ``[n_q_head, len]`` array, flattened, when
+            lengths are equal).
+        lens: live rows per KV head.
+        n_q_per_kv: query heads per KV head (GQA group size).
+        n_obs: number of window queries the scores were summed over (default: window).
+    """
+    flat, lens_a = _flat(scores, lens, n_q_per_kv)
+    return _select(config, layer, flat, lens_a, int(n_q_per_kv), n_obs)
+
+
+def select(
+    config: PolicyConfig,
+    layer: int,
+    scores: ScoresLike,
+    n_q_per_kv: int,
+    *,
+    n_obs: int | None = None,
+) -> Selection:
+    """Select the rows to keep in one layer.
+
+    Args:
+        config: the policy.
+        layer: layer index (used by the pyramid policies).
+        scores: 2-D ``[n_head_kv * n_q_per_kv, len]`` or a sequence of per-KV-head
+            ``[n_q_per_kv, len_h]`` arrays (ragged); window sums, see the module doc.
+        n_q_per_kv: query heads per KV head (GQA group size).
+        n_obs: number of window queries the scores were summed over (default: window).
+
+    Raises:
+        ValueError: naming the offending parameter, for any invalid input.
+    """
+    flat, lens = _blocks(scores, n_q_per_kv)
+    return _select(config, layer, flat, lens, int(n_q_per_kv), n_obs)
+
+
+def _select(cfg: PolicyConfig, layer: Any, flat: np.ndarray, lens: np.ndarray, g: int,
+            n_obs: int | None) -> Selection:
+    if not isinstance(cfg, PolicyConfig):
+        raise ValueError(f"config: expected a PolicyConfig, got {type(cfg).__name__}")
+    layer = _layer(cfg, layer)
+    obs = _n_obs(cfg, n_obs)
+    _finite_for_unscored(cfg, flat)
+    sp = _ptr("float *", flat) if flat.size else ffi.NULL
+    if sp == ffi.NULL and cfg.uses_scores:
+        sp = ffi.new("float[1]")  # every head empty: nothing is read
+
+    def call(lens_p: Any, ws: Any, ws_n: int, counts: Any, rows: Any, caps: Any, ev: Any) -> int:
+        return lib.adakv_select_layer(cfg._c, layer, len(lens), g, obs, lens_p, sp, ws, ws_n,
+                                      counts, rows, caps, ev)
+
+    return _run(cfg, layer, lens, call)
+
+
+def select_layers(
+    config: PolicyConfig,
+    scores_by_layer: Sequence[ScoresLike],
+    n_q_per_kv: int,
+    *,
+    n_obs: int | None = None,
+) -> list[Selection]:
+    """:func:`select` for every layer; ``scores_by_layer[l]`` is layer ``l``'s scores.
+
+    A 3-D array ``[n_layers, n_q_head, len]`` is accepted too.
+    """
+    if config.n_layers is not None and len(scores_by_layer) != config.n_layers:
+        raise ValueError(f"scores_by_layer: {len(scores_by_layer)} layers but config has "
+                         f"n_layers={config.n_layers}")
+    return [select(config, layer, s, n_q_per_kv, n_obs=n_obs)
+            for layer, s in enumerate(scores_by_layer)]
+
+
+def pooled_scores(
+    config: PolicyConfig,
+    scores: ScoresLike,
+    n_q_per_kv: int,
+    *,
+    n_obs: int | None = None,
+) -> list[np.ndarray]:
+    """The scorer's output: per KV head, one float32 per scored (non-window) row.
+
+    Window mean (``/ n_obs``), GQA aggregation and pooling, as used by the policies.
+    """
+    flat, lens = _blocks(scores, n_q_per_kv)
+    obs = _n_obs(config, n_obs)
+    lens_p = _ptr("int32_t *", lens)
+    n_scored = int(lib.adakv_n_scored(config._c, len(lens), lens_p))
+    out = np.empty(max(n_scored, 1), dtype=np.float32)
+    ws = _workspace(int(lib.adakv_workspace_size(config._c, len(lens), lens_p)))
+    sp = _ptr("float *", flat) if flat.size else ffi.new("float[1]")
+    _check(lib.adakv_score(config._c, len(lens), int(n_q_per_kv), obs, lens_p, sp,
+                           ffi.from_buffer(ws), ws.nbytes, _ptr("float *", out)))
+    n = lens - np.minimum(lens, config.window)
+    return list(np.split(out[:n_scored], np.cumsum(n)[:-1]))
+
+
+def select_pooled(
+    config: PolicyConfig,
+    layer: int,
+    pooled: Sequence[np.ndarray],
+    lens: Sequence[int] | np.ndarray,
+) -> Selection:
+    """Allocator + selector on already pooled scores (any scorer's output).
+
+    Args:
+        config: the policy (its scorer fields are ignored).
+        layer: layer index (pyramid policies).
+        pooled: per KV head, one score per scored row: ``lens[h] - min(window, lens[h])``
+            values (the rows before the window).
+        lens: live rows per KV head, window included.
+    """
+    if not isinstance(config, PolicyConfig):
+        raise ValueError(f"config: expected a PolicyConfig, got {type(config).__name__}")
+    lens_a = _lens(lens)
+    layer = _layer(config, layer)
+    if len(pooled) != len(lens_a):
+        raise ValueError(f"pooled: {len(pooled)} heads but lens has {len(lens_a)}")
+    n = lens_a - np.minimum(lens_a, config.window)
+    parts = []
+    for h, p in enumerate(pooled):
+        a = np.asarray(p)
+        _numeric(a, f"pooled[{h}]")
+        if a.shape != (int(n[h]),):
+            raise ValueError(f"pooled[{h}]: expected {int(n[h])} scores (rows before the "
+                             f"window), got shape {a.shape}")
+        parts.append(a.astype(np.float32, copy=False))
+    flat = np.ascontiguousarray(np.concatenate(parts) if parts else np.empty(0, np.float32),
+                                dtype=np.float32)
+    if not np.isfinite(flat).all():
+        raise ValueError("pooled: NaN or infinite value")
+    pp = _ptr("float *", flat) if flat.size else ffi.new("float[1]")
+
+    def call(lens_p: Any, ws: Any, ws_n: int, counts: Any, rows: Any, caps: Any, ev: Any) -> int:
+        return lib.adakv_select_scored(config._c, layer, len(lens_a), lens_p, pp, ws, ws_n,
+                                       counts, rows, caps, ev)
+
+    return _run(config, layer, lens_a, call)
+
+
+def kept_mass(scores: ScoresLike, selection: Selection, n_q_per_kv: int) -> KeptMass:
+    """Attention mass kept by ``selection`` in each head, and the bound term.
+
+    A head's attention is its window scores averaged over its query heads (GQA mean),
+    normalised to sum to 1 over all of the head's rows (window included); its kept
+    mass is the sum over the kept rows (the window counts as kept). A head whose
+    attention is all zero loses nothing (mass 1). ``bound = sum_h (1 - mass_h)``.
+    """
+    flat, lens = _blocks(scores, n_q_per_kv)
+    if not np.isfinite(flat).all():
+        raise ValueError("scores: NaN or infinite value")
+    if not isinstance(selection, Selection) or not np.array_equal(lens, selection.lens):
+        raise ValueError("selection: does not match the shape of scores")
+    g = int(n_q_per_kv)
+    mass = np.empty(len(lens), dtype=np.float64)
+    off = 0
+    for h, length in enumerate(lens.tolist()):
+        blk = flat[off: off + g * length].reshape(g, length)
+        off += g * length
+        att = blk.astype(np.float64).mean(axis=0)
+        total = float(att.sum())
+        mass[h] = float(att[selection.keep[h]].sum()) / total if total != 0.0 else 1.0
+    return KeptMass(mass, float(np.sum(1.0 - mass)))
+
+
+def kept_mass_layers(
+    scores_by_layer: Sequence[ScoresLike], selections: Sequence[Selection], n_q_per_kv: int
+) -> list[KeptMass]:
+    """:func:`kept_mass` for every layer."""
+    if len(scores_by_layer) != len(selections):
+        raise ValueError(f"selections: {len(selections)} layers but scores_by_layer has "
+                         f"{len(scores_by_layer)}")
+    pairs = zip(scores_by_layer, selections, strict=True)
+    return [kept_mass(s, sel, n_q_per_kv) for s, sel in pairs]

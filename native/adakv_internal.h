@@ -1,0 +1,105 @@
+/*
+ * adakv_internal.h -- helpers shared by the C files of native/ (not part of the API).
+ */
+#ifndef ADAKV_INTERNAL_H
+#define ADAKV_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "adakv.h"
+
+/* Largest total of rows accepted for one layer (row indices are int32). */
+#define ADAKV_MAX_ROWS ((int64_t)INT32_MAX)
+
+/* Workspace regions are aligned to this many bytes. */
+#define ADAKV_ALIGN ((size_t)64)
+
+/* Window rows of a head of length len: min(window, len). */
+static inline int32_t adakv__win(const adakv_config *cfg, int32_t len) {
+    return len < cfg->window ? len : cfg->window;
+}
+
+/* Order-preserving map float -> uint32: a < b (as floats, no NaN) <=> key(a) < key(b);
+ * -0.0 and +0.0 map to the same key, as they compare equal. */
+static inline uint32_t adakv__key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (u == 0x80000000u) u = 0u;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/* Round half to even (torch.round) of a non-negative float below 2^31. */
+static inline int32_t adakv__round_half_even(float v) {
+    int32_t i = (int32_t)v; /* truncation == floor for v >= 0 */
+    float frac = v - (float)i;
+    if (frac > 0.5f || (frac == 0.5f && (i & 1))) i += 1;
+    return i;
+}
+
+/* Validate the shape of a layer (cfg assumed valid). Returns a status code and,
+ * through total_rows / total_scored / max_scored (each may be NULL), the sums. */
+int32_t adakv__check_shape(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
+                           int64_t *total_rows, int64_t *total_scored, int32_t *max_scored);
+
+/* Bytes of one workspace region holding n 32-bit values, rounded up to ADAKV_ALIGN. */
+size_t adakv__region(int64_t n);
+
+/* Bytes of workspace for n_head_kv heads with `scored` scored rows in all. */
+size_t adakv__ws_bytes(int32_t n_head_kv, int64_t scored);
+
+/* The regions of a workspace (see adakv_workspace_size): 0: keys (scored u32),
+ * 1: radix histogram (ADAKV_HIST u32), 2: scratch (scored u32; also the scorer's
+ * aggregate before pooling). */
+void *adakv__ws_region(void *workspace, int32_t n_head_kv, int64_t scored, int which);
+
+/* Scorer core (score.c): pooled scores of every head to `pooled` (floats) or, when
+ * pooled is NULL, to `keys`; tmp holds the longest head's scored rows. */
+int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,
+                           int32_t n_obs, const int32_t *lens, const float *scores,
+                           float *tmp, float *pooled, uint32_t *keys);
+
+/* --- select.c: exact top-k on keys ------------------------------------------------- */
+
+/* First-level radix histogram: ADAKV_HIST buckets over the top 11 bits of a key. */
+#define ADAKV_HIST 2048
+#define ADAKV_HIST_SHIFT 21
+
+/* Add the first-level histogram of keys[0..n) to hist. */
+void adakv__hist(const uint32_t *keys, size_t n, uint32_t *hist);
+
+/* k-th largest key among keys[0..n), 1 <= k <= n, given their first-level histogram
+ * (radix select). *n_above receives the number of keys strictly greater than it.
+ * scratch: room for n keys (keys is not modified). */
+uint32_t adakv__kth_largest(const uint32_t *keys, size_t n, size_t k, const uint32_t *hist,
+                            uint32_t *scratch, size_t *n_above);
+
+/* Number of keys greater than (*gt) and equal to (*eq) t. */
+void adakv__count(const uint32_t *keys, size_t n, uint32_t t, size_t *gt, size_t *eq);
+
+/* Write, ascending, the indices of keys greater than t and of the first `ties` keys
+ * equal to t. Returns how many were written. */
+size_t adakv__emit(const uint32_t *keys, size_t n, uint32_t t, size_t ties, int32_t *out);
+
+/* Indices (ascending) of the top k of keys[0..n), ties broken by lower index.
+ * Returns min(k, n). hist: ADAKV_HIST counters (overwritten); scratch: room for n. */
+size_t adakv__top_rows(const uint32_t *keys, size_t n, size_t k, uint32_t *hist,
+                       uint32_t *scratch, int32_t *out);
+
+/* --- alloc.c: per-head budgets ----------------------------------------------------- */
+
+/* Ada-KV counts: how many of the top k keys over all heads of the layer fall in each
+ * head (ties: lower head, then lower row). keys holds the scored rows of every head,
+ * packed in head order (head h has lens[h] - min(window, lens[h]) of them);
+ * 0 <= k < their total. Writes counts[h]. hist: ADAKV_HIST counters; scratch: room
+ * for all keys. */
+void adakv__ada_counts(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
+                       const uint32_t *keys, int64_t k, uint32_t *hist, uint32_t *scratch,
+                       int32_t *counts);
+
+/* Ada-KV safeguard blend of the official code:
+ * cap = torch.round(count * (1 - alpha) + int(alpha * B')), in float32. */
+int32_t adakv__ada_cap(int32_t count, double alpha, int32_t layer_budget);
+
+#endif /* ADAKV_INTERNAL_H */

@@ -1,0 +1,54 @@
+"""The adakv-local console script."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "adakv_local.cli"]
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_commands() -> None:
+    out = _run("--help")
+    assert out.returncode == 0
+    for cmd in ("chat", "demo", "models"):
+        assert cmd in out.stdout
+    sub = _run("chat", "--help")
+    assert sub.returncode == 0 and "--kv-budget" in sub.stdout and "--prompt" in sub.stdout
+
+
+def test_models_list_and_fetch(default_model: Path) -> None:
+    out = _run("models", "list")
+    assert out.returncode == 0 and "smollm2-135m (default)" in out.stdout and "fetched" in out.stdout
+    out = _run("models", "fetch")
+    assert out.returncode == 0 and out.stdout.strip() == str(default_model)
+    bad = _run("models", "fetch", "no-such-model")
+    assert bad.returncode == 2 and "unknown model name" in bad.stderr
+
+
+def test_one_shot_chat_shows_kv(default_model: Path) -> None:
+    out = _run("chat", "-p", "What is 2+2?", "--max-tokens", "12", "-t", "0", "--show-kv",
+               "--n-ctx", "512")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "[kv] vanilla:" in out.stderr and "KV allocated" in out.stderr
+
+
+def test_interactive_chat_reads_stdin(default_model: Path) -> None:
+    p = subprocess.run([*CLI, "chat", "--max-tokens", "8", "-t", "0", "--n-ctx", "512"],
+                       input="Hello\n/kv\n/quit\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "[kv] vanilla:" in p.stderr
+
+
+def test_bad_model_is_a_clean_error(tmp_path: Path) -> None:
+    bad = tmp_path / "x.gguf"
+    bad.write_text("hello")
+    out = _run("chat", "-p", "hi", "--model", str(bad))
+    assert out.returncode == 2 and "not a GGUF file" in out.stderr
+    assert "Traceback" not in out.stderr
