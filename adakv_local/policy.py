@@ -255,7 +255,8 @@ def _blocks(scores: ScoresLike, n_q_per_kv: int) -> tuple[np.ndarray, np.ndarray
             raise ValueError(f"scores: {arr.shape[0]} query heads is not a positive multiple "
                              f"of n_q_per_kv={g}")
         n_kv = arr.shape[0] // g
-        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        with np.errstate(over="ignore"):  # values beyond float32 become inf: rejected by C
+            flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
         lens = np.full(n_kv, arr.shape[1], dtype=np.int32)
         if arr.shape[1] > _INT32_MAX or n_kv * arr.shape[1] > _INT32_MAX:
             raise ValueError("scores: too many rows")
@@ -271,7 +272,8 @@ def _blocks(scores: ScoresLike, n_q_per_kv: int) -> tuple[np.ndarray, np.ndarray
         if b.ndim != 2 or b.shape[0] != g:
             raise ValueError(f"scores[{h}]: expected shape ({g}, len) for n_q_per_kv={g}, "
                              f"got {b.shape}")
-        parts.append(np.asarray(b, dtype=np.float32).reshape(-1))
+        with np.errstate(over="ignore"):
+            parts.append(np.asarray(b, dtype=np.float32).reshape(-1))
         lens_l.append(b.shape[1])
     lens = _lens(np.asarray(lens_l, dtype=np.int64))
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32), lens
@@ -285,6 +287,8 @@ def _numeric(arr: np.ndarray, name: str) -> None:
 def _flat(scores: Any, lens: Any, n_q_per_kv: int) -> tuple[np.ndarray, np.ndarray]:
     g = _int("n_q_per_kv", n_q_per_kv, 1)
     lens_a = _lens(lens)
+    if scores is None:
+        return np.empty(0, dtype=np.float32), lens_a
     arr = np.asarray(scores)
     _numeric(arr, "scores")
     if arr.ndim != 1:
@@ -293,7 +297,8 @@ def _flat(scores: Any, lens: Any, n_q_per_kv: int) -> tuple[np.ndarray, np.ndarr
     if arr.size != need:
         raise ValueError(f"scores: expected n_q_per_kv * sum(lens) = {need} values, "
                          f"got {arr.size}")
-    return np.ascontiguousarray(arr, dtype=np.float32), lens_a
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(arr, dtype=np.float32), lens_a
 
 
 def _n_obs(cfg: PolicyConfig, n_obs: int | None) -> int:
@@ -305,7 +310,7 @@ def _n_obs(cfg: PolicyConfig, n_obs: int | None) -> int:
 # --------------------------------------------------------------------------- results
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Selection:
     """Rows to keep in one layer.
 
@@ -341,7 +346,7 @@ class Selection:
         return self.n_evicted > 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeptMass:
     """Attention mass a selection keeps, per KV head, and the Ada-KV bound term.
 
@@ -369,7 +374,7 @@ def _run(cfg: PolicyConfig, layer: int, lens: np.ndarray, call: Any) -> Selectio
     ws = _workspace(ws_size)
     _check(call(lens_p, ffi.from_buffer(ws), ws.nbytes, _ptr("int32_t *", counts),
                 _ptr("int32_t *", rows), _ptr("int32_t *", caps), ev))
-    rows = rows[: int(counts.sum())]
+    rows = rows[: int(counts.sum())].copy()  # do not pin the sum(lens)-sized buffer
     keep = tuple(np.split(rows, np.cumsum(counts)[:-1])) if n_kv > 1 else (rows,)
     bl = ffi.new("int32_t *")
     _check(lib.adakv_layer_budget(cfg._c, layer, n_kv, lens_p, bl))
@@ -388,7 +393,7 @@ def _finite_for_unscored(cfg: PolicyConfig, flat: np.ndarray) -> None:
 def select_flat(
     config: PolicyConfig,
     layer: int,
-    scores: np.ndarray,
+    scores: np.ndarray | None,
     lens: Sequence[int] | np.ndarray,
     n_q_per_kv: int,
     *,
@@ -401,11 +406,13 @@ def select_flat(
         layer: layer index (used by the pyramid policies).
         scores: 1-D float32 array, per-KV-head blocks ``[n_q_per_kv][lens[h]]`` one
             after the other (a contiguous ``[n_q_head, len]`` array, flattened, when
-            lengths are equal).
+            lengths are equal); ``None`` for ``full`` and ``streaming``, which read none.
         lens: live rows per KV head.
         n_q_per_kv: query heads per KV head (GQA group size).
         n_obs: number of window queries the scores were summed over (default: window).
     """
+    if scores is None and isinstance(config, PolicyConfig) and config.uses_scores:
+        raise ValueError(f"scores: required by policy {config.policy!r}")
     flat, lens_a = _flat(scores, lens, n_q_per_kv)
     return _select(config, layer, flat, lens_a, int(n_q_per_kv), n_obs)
 

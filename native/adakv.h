@@ -100,8 +100,10 @@ const char *adakv_strerror(int32_t status);
 /* Validate a configuration on its own (no layer data). Returns a status code. */
 int32_t adakv_check_config(const adakv_config *cfg);
 
-/* Bytes of workspace adakv_select_layer() / adakv_select_scored() need for this
- * layer shape (depends only on the window and the lengths). Returns 0 if cfg or
+/* Bytes of workspace adakv_score(), adakv_select_scored() and adakv_select_layer()
+ * need for this layer shape: about 16 bytes per scored row (it depends only on the
+ * window, n_head_kv and the lengths). One workspace may be reused for every layer of
+ * the same or a smaller shape, but not by two calls at once. Returns 0 if cfg or
  * lens is invalid (a valid shape always needs at least a few bytes). */
 size_t adakv_workspace_size(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens);
 
@@ -118,19 +120,34 @@ int32_t adakv_layer_budget(const adakv_config *cfg, int32_t layer, int32_t n_hea
                            const int32_t *lens, int32_t *out_budget);
 
 /* Scorer (SnapKV window attention): for every scored row, mean over the n_obs
- * window queries (the raw sums divided by n_obs; this rescaling changes no
- * ranking, it only makes values comparable to the official code), then GQA
- * aggregation over the group (mean: sequential sum in group order, divided by
- * n_q_per_kv; or max), then pooling along the head's scored rows only. Writes
- * adakv_n_scored() floats to `pooled` (which must not overlap the workspace).
- * Fails with ADAKV_ERR_SCORES if any input score (window rows included) or
- * pooled value is NaN or infinite. */
+ * window queries (the raw sums divided by n_obs; a common positive factor, so no
+ * ranking changes -- it keeps the values those of the official code), then GQA
+ * aggregation over the group (mean: left-to-right sum in group order, divided by
+ * n_q_per_kv; or max), then pooling along the head's scored rows only (the window
+ * is never pooled). float32 throughout, in the official order of operations: the
+ * values are bit-identical to the PyTorch ops (F.max_pool1d / F.avg_pool1d with
+ * padding kernel/2, stride 1). Writes adakv_n_scored() floats to `pooled` (which
+ * must not overlap the workspace). Fails with ADAKV_ERR_SCORES if any input score
+ * (window rows included) or pooled value is NaN or infinite. */
 int32_t adakv_score(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,
                     int32_t n_obs, const int32_t *lens, const float *scores,
                     void *workspace, size_t workspace_size, float *pooled);
 
 /* Allocator + selector on already pooled scores (the scorer output, any scorer):
  * decides per-head budgets and writes the kept rows.
+ *   snapkv / pyramid          every head keeps its top B'_l scored rows;
+ *   ada-snapkv / ada-pyramid  count_h = how many of the top n_head_kv*B'_l scored
+ *                             rows of the whole layer are head h's; the head keeps
+ *                             its top cap_h = round(count_h*(1-alpha) + int(alpha*B'_l))
+ *                             (float32, half to even, as torch.round in the official
+ *                             code), or all its scored rows if it has fewer;
+ *   streaming                 first min(n_sinks, budget - window) rows + most recent;
+ *   full                      everything.
+ * Every head also keeps its window. Nothing is evicted while the layer fits: a
+ * uniform head with n_h <= B'_l, or an Ada layer with sum_h n_h <= n_head_kv*B'_l,
+ * keeps all its rows (with equal lengths: the official B' >= len - window).
+ * Ties: lower row first; across heads (Ada-KV) lower head first, then lower row.
+ * Outputs:
  *   keep_counts[h]  rows kept by head h, window included
  *   keep_rows       kept row indices, ascending within each head, heads packed one
  *                   after the other (head h starts at keep_counts[0]+...+[h-1]);
@@ -141,7 +158,7 @@ int32_t adakv_score(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_
  *                   lens[h] (full). A head shorter than its grant keeps all it has.
  *   n_evicted       (may be NULL) total rows dropped in this layer; 0 means the
  *                   layer was under budget and everything is kept.
- * `pooled` may be NULL for the full and streaming policies. */
+ * `pooled` and `workspace` may be NULL for the full and streaming policies. */
 int32_t adakv_select_scored(const adakv_config *cfg, int32_t layer, int32_t n_head_kv,
                             const int32_t *lens, const float *pooled,
                             void *workspace, size_t workspace_size,
@@ -149,7 +166,8 @@ int32_t adakv_select_scored(const adakv_config *cfg, int32_t layer, int32_t n_he
                             int64_t *n_evicted);
 
 /* Whole policy for one layer: adakv_score() then adakv_select_scored(), with the
- * same outputs. `scores` may be NULL for the full and streaming policies. */
+ * same outputs. `scores` and `workspace` may be NULL for the full and streaming
+ * policies. This is the entry point of the runtime: one call per layer. */
 int32_t adakv_select_layer(const adakv_config *cfg, int32_t layer, int32_t n_head_kv,
                            int32_t n_q_per_kv, int32_t n_obs, const int32_t *lens,
                            const float *scores, void *workspace, size_t workspace_size,

@@ -49,16 +49,17 @@ size_t adakv__region(int64_t n);
 /* Bytes of workspace for n_head_kv heads with `scored` scored rows in all. */
 size_t adakv__ws_bytes(int32_t n_head_kv, int64_t scored);
 
-/* The regions of a workspace (see adakv_workspace_size): 0: keys (scored u32),
- * 1: radix histogram (ADAKV_HIST u32), 2: scratch (scored u32; also the scorer's
- * aggregate before pooling). */
+/* The regions of a workspace (see adakv_workspace_size), `scored` u32 each unless said:
+ * 0: keys, 1: radix histogram (ADAKV_HIST u32), 2: radix scratch (also the scorer's
+ * aggregate before pooling), 3: candidate indices, 4: candidate keys,
+ * 5: per-head ranges (2 * n_head_kv u32). */
 void *adakv__ws_region(void *workspace, int32_t n_head_kv, int64_t scored, int which);
 
 /* Scorer core (score.c): pooled scores of every head to `pooled` (floats) or, when
- * pooled is NULL, to `keys`; tmp holds the longest head's scored rows. */
+ * pooled is NULL, to `keys`; tmp, t1, t2 each hold the longest head's scored rows. */
 int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,
                            int32_t n_obs, const int32_t *lens, const float *scores,
-                           float *tmp, float *pooled, uint32_t *keys);
+                           float *tmp, float *t1, float *t2, float *pooled, uint32_t *keys);
 
 /* --- select.c: exact top-k on keys ------------------------------------------------- */
 
@@ -66,37 +67,48 @@ int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n
 #define ADAKV_HIST 2048
 #define ADAKV_HIST_SHIFT 21
 
-/* Add the first-level histogram of keys[0..n) to hist. */
-void adakv__hist(const uint32_t *keys, size_t n, uint32_t *hist);
+/* hist = first-level histogram of keys[0], keys[stride], keys[2*stride], ... */
+void adakv__hist(const uint32_t *keys, size_t n, size_t stride, uint32_t *hist);
 
-/* k-th largest key among keys[0..n), 1 <= k <= n, given their first-level histogram
- * (radix select). *n_above receives the number of keys strictly greater than it.
- * scratch: room for n keys (keys is not modified). */
-uint32_t adakv__kth_largest(const uint32_t *keys, size_t n, size_t k, const uint32_t *hist,
+/* A key bound LB such that (very likely, by sampling) at least k keys are >= LB. */
+uint32_t adakv__lower_bound(const uint32_t *keys, size_t n, size_t k, uint32_t *hist);
+
+/* A key bound LB such that certainly at least k keys are >= LB (full histogram). */
+uint32_t adakv__exact_bound(const uint32_t *keys, size_t n, size_t k, uint32_t *hist);
+
+/* Write base + i, ascending, for every keys[i] >= lb; returns how many (out: room for n). */
+size_t adakv__collect(const uint32_t *keys, size_t n, uint32_t lb, uint32_t base,
+                      uint32_t *out);
+
+/* k-th largest key among keys[0..n), 1 <= k <= n (radix select, 11/11/10 bits).
+ * *n_above receives the number of keys strictly greater. scratch: room for n keys. */
+uint32_t adakv__kth_largest(const uint32_t *keys, size_t n, size_t k, uint32_t *hist,
                             uint32_t *scratch, size_t *n_above);
 
-/* Number of keys greater than (*gt) and equal to (*eq) t. */
-void adakv__count(const uint32_t *keys, size_t n, uint32_t t, size_t *gt, size_t *eq);
-
-/* Write, ascending, the indices of keys greater than t and of the first `ties` keys
- * equal to t. Returns how many were written. */
-size_t adakv__emit(const uint32_t *keys, size_t n, uint32_t t, size_t ties, int32_t *out);
+/* Among candidates cand[0..c) (ascending indices, keys cand_keys[]) that include the top
+ * k, write the top k (ties: lower index) as cand[i] - base, ascending, to out.
+ * Returns min(k, c). scratch: room for c keys. */
+size_t adakv__top_among(const uint32_t *cand, const uint32_t *cand_keys, size_t c, size_t k,
+                        uint32_t base, uint32_t *hist, uint32_t *scratch, int32_t *out);
 
 /* Indices (ascending) of the top k of keys[0..n), ties broken by lower index.
- * Returns min(k, n). hist: ADAKV_HIST counters (overwritten); scratch: room for n. */
+ * Returns min(k, n). cand, cand_keys, scratch: room for n each. */
 size_t adakv__top_rows(const uint32_t *keys, size_t n, size_t k, uint32_t *hist,
-                       uint32_t *scratch, int32_t *out);
+                       uint32_t *cand, uint32_t *cand_keys, uint32_t *scratch, int32_t *out);
 
 /* --- alloc.c: per-head budgets ----------------------------------------------------- */
 
 /* Ada-KV counts: how many of the top k keys over all heads of the layer fall in each
  * head (ties: lower head, then lower row). keys holds the scored rows of every head,
  * packed in head order (head h has lens[h] - min(window, lens[h]) of them);
- * 0 <= k < their total. Writes counts[h]. hist: ADAKV_HIST counters; scratch: room
- * for all keys. */
+ * 0 < k < their total. Writes counts[h]. Leaves in cand (ascending) the indices of the
+ * layer's candidate keys -- all keys >= some bound, a superset of the top k -- with
+ * their keys in cand_keys; head h's candidates are cand[range[2h] .. range[2h+1]).
+ * cand, cand_keys, scratch: room for all keys. */
 void adakv__ada_counts(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
-                       const uint32_t *keys, int64_t k, uint32_t *hist, uint32_t *scratch,
-                       int32_t *counts);
+                       const uint32_t *keys, size_t total, size_t k, uint32_t *hist,
+                       uint32_t *cand, uint32_t *cand_keys, uint32_t *scratch,
+                       int32_t *counts, uint32_t *range);
 
 /* Ada-KV safeguard blend of the official code:
  * cap = torch.round(count * (1 - alpha) + int(alpha * B')), in float32. */

@@ -50,29 +50,31 @@ int32_t adakv_layer_budget(const adakv_config *cfg, int32_t layer, int32_t n_hea
 }
 
 void adakv__ada_counts(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
-                       const uint32_t *keys, int64_t k, uint32_t *hist, uint32_t *scratch,
-                       int32_t *counts) {
-    size_t total = 0, above = 0, ties, off = 0;
+                       const uint32_t *keys, size_t total, size_t k, uint32_t *hist,
+                       uint32_t *cand, uint32_t *cand_keys, uint32_t *scratch,
+                       int32_t *counts, uint32_t *range) {
+    size_t c, above = 0, ties, i = 0, end = 0;
     uint32_t t;
+    /* heads are contiguous in keys: one selection over the whole layer */
+    c = adakv__collect(keys, total, adakv__lower_bound(keys, total, k, hist), 0, cand);
+    if (c < k) c = adakv__collect(keys, total, adakv__exact_bound(keys, total, k, hist), 0, cand);
+    for (size_t j = 0; j < c; j++) cand_keys[j] = keys[cand[j]];
+    t = adakv__kth_largest(cand_keys, c, k, hist, scratch, &above);
+    ties = k - above;
+    /* candidates are ascending, so each head's are one run */
     for (int32_t h = 0; h < n_head_kv; h++) {
-        counts[h] = 0;
-        total += (size_t)(lens[h] - adakv__win(cfg, lens[h]));
-    }
-    if (k <= 0) return;
-    /* heads are contiguous in keys: one radix select over the whole layer */
-    memset(hist, 0, ADAKV_HIST * sizeof hist[0]);
-    adakv__hist(keys, total, hist);
-    t = adakv__kth_largest(keys, total, (size_t)k, hist, scratch, &above);
-    ties = (size_t)k - above;
-    for (int32_t h = 0; h < n_head_kv; h++) {
-        const size_t n = (size_t)(lens[h] - adakv__win(cfg, lens[h]));
         size_t gt = 0, eq = 0;
-        adakv__count(keys + off, n, t, &gt, &eq);
+        end += (size_t)(lens[h] - adakv__win(cfg, lens[h]));
+        range[2 * h] = (uint32_t)i;
+        for (; i < c && cand[i] < end; i++) {
+            gt += cand_keys[i] > t;
+            eq += cand_keys[i] == t;
+        }
+        range[2 * h + 1] = (uint32_t)i;
         /* cross-head ties at the threshold go to the lower head first */
         if (eq > ties) eq = ties;
         ties -= eq;
         counts[h] = (int32_t)(gt + eq);
-        off += n;
     }
 }
 

@@ -20,7 +20,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 HEADER = HERE / "adakv.h"
 BEGIN, END = "/* CFFI-BEGIN */", "/* CFFI-END */"
-COMPILE_ARGS = ["-std=c99", "-O2", "-Wall", "-Wextra"]
+# Python's own CFLAGS (sysconfig) come first and include -fwrapv, which stops the
+# compiler from vectorizing the int32-indexed hot loops (about 1.6x slower selection);
+# the library never relies on signed overflow wrapping, so turn it back off.
+COMPILE_ARGS = ["-std=c99", "-O2", "-Wall", "-Wextra", "-fno-wrapv"]
 
 
 def _cdef() -> str:

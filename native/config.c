@@ -79,18 +79,22 @@ size_t adakv__region(int64_t n) {
 }
 
 size_t adakv__ws_bytes(int32_t n_head_kv, int64_t scored) {
-    (void)n_head_kv;
-    return 2 * adakv__region(scored) + adakv__region(ADAKV_HIST) + ADAKV_ALIGN;
+    return 4 * adakv__region(scored) + adakv__region(ADAKV_HIST) +
+           adakv__region(2 * (int64_t)n_head_kv) + ADAKV_ALIGN;
 }
 
 void *adakv__ws_region(void *workspace, int32_t n_head_kv, int64_t scored, int which) {
     char *base = (char *)workspace;
+    const size_t r = adakv__region(scored), hist = adakv__region(ADAKV_HIST);
     (void)n_head_kv;
     base += (ADAKV_ALIGN - (uintptr_t)base % ADAKV_ALIGN) % ADAKV_ALIGN;
     switch (which) {
     case 0: return base;
-    case 1: return base + adakv__region(scored);
-    default: return base + adakv__region(scored) + adakv__region(ADAKV_HIST);
+    case 1: return base + r;
+    case 2: return base + r + hist;
+    case 3: return base + 2 * r + hist;
+    case 4: return base + 3 * r + hist;
+    default: return base + 4 * r + hist;
     }
 }
 

@@ -51,32 +51,64 @@ static void adakv__select_unscored(const adakv_config *cfg, int32_t n_head_kv,
     if (n_evicted) *n_evicted = evicted;
 }
 
-/* Scored policies, given the keys of every head's scored rows (packed in head order). */
+/* Scored policies, given the keys of every head's scored rows (packed in head order)
+ * and a workspace. */
 static void adakv__select_keys(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
                                int32_t bl, int64_t scored, const uint32_t *keys,
-                               uint32_t *hist, uint32_t *scratch, int32_t *keep_counts,
-                               int32_t *keep_rows, int32_t *caps, int64_t *n_evicted) {
+                               void *workspace, int32_t *keep_counts, int32_t *keep_rows,
+                               int32_t *caps, int64_t *n_evicted) {
+    uint32_t *hist = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 1);
+    uint32_t *scratch = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 2);
+    uint32_t *cand = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 3);
+    uint32_t *cand_keys = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 4);
+    uint32_t *range = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 5);
+    const int is_ada = adakv__is_ada(cfg->policy);
+    /* Ada-KV evicts when the layer's scored rows exceed n_head_kv * B'_l */
+    const int ada = is_ada && scored > (int64_t)n_head_kv * bl;
     int64_t evicted = 0, pos = 0, off = 0;
-    const int ada = adakv__is_ada(cfg->policy) && scored > (int64_t)n_head_kv * bl;
-    /* Ada-KV: counts from the layer-wide top-k; caps[] holds them until replaced */
-    if (ada)
-        adakv__ada_counts(cfg, n_head_kv, lens, keys, (int64_t)n_head_kv * bl, hist, scratch,
-                          caps);
+
+    if (ada && bl > 0) /* counts from the layer-wide top-k; caps[] holds them for now */
+        adakv__ada_counts(cfg, n_head_kv, lens, keys, (size_t)scored,
+                          (size_t)n_head_kv * (size_t)bl, hist, cand, cand_keys, scratch,
+                          caps, range);
+    else if (ada) /* B'_l = 0: every count is 0 (so is the floor): only windows stay */
+        for (int32_t h = 0; h < n_head_kv; h++) {
+            caps[h] = 0;
+            range[2 * h] = range[2 * h + 1] = 0;
+        }
+    /* grants, kept counts and caps (known before any row is chosen) */
     for (int32_t h = 0; h < n_head_kv; h++) {
-        const int32_t len = lens[h], win = adakv__win(cfg, len), n = len - win;
-        /* granted scored rows: Ada cap, uniform B'_l, or all (an Ada layer that fits) */
-        const int32_t grant = ada ? adakv__ada_cap(caps[h], cfg->floor_alpha, bl)
-                                  : (adakv__is_ada(cfg->policy) ? n : bl);
-        const int32_t keep = grant < n ? grant : n;
-        int32_t c = (int32_t)adakv__top_rows(keys + off, (size_t)n, (size_t)keep, hist,
-                                             scratch, keep_rows + pos);
-        c += adakv__range(n, len, keep_rows + pos + c);
-        keep_counts[h] = c;
-        caps[h] = adakv__max32(c, (int64_t)(adakv__is_ada(cfg->policy) && !ada ? bl : grant)
-                                      + win);
-        evicted += len - c;
-        pos += c;
-        off += n;
+        const int32_t win = adakv__win(cfg, lens[h]), n = lens[h] - win;
+        /* scored rows granted: Ada cap, uniform B'_l, or all (an Ada layer that fits) */
+        const int32_t grant = ada ? adakv__ada_cap(caps[h], cfg->floor_alpha, bl) : bl;
+        const int32_t keep = (is_ada && !ada) ? n : (grant < n ? grant : n);
+        keep_counts[h] = keep + win;
+        caps[h] = adakv__max32(keep + win, (int64_t)grant + win);
+        evicted += lens[h] - keep_counts[h];
+    }
+    /* rows: Ada heads whose layer candidates hold their top rows first, then the rest
+     * (which reuse the candidate buffers) */
+    for (int pass = 0; pass < 2; pass++) {
+        pos = 0;
+        off = 0;
+        for (int32_t h = 0; h < n_head_kv; h++) {
+            const int32_t len = lens[h], win = adakv__win(cfg, len), n = len - win;
+            const int32_t keep = keep_counts[h] - win;
+            const int reuse = ada && (uint32_t)keep <= range[2 * h + 1] - range[2 * h];
+            int32_t *out = keep_rows + pos;
+            if (reuse == (pass == 0)) {
+                if (reuse)
+                    adakv__top_among(cand + range[2 * h], cand_keys + range[2 * h],
+                                     range[2 * h + 1] - range[2 * h], (size_t)keep,
+                                     (uint32_t)off, hist, scratch, out);
+                else
+                    adakv__top_rows(keys + off, (size_t)n, (size_t)keep, hist, cand,
+                                    cand_keys, scratch, out);
+                for (int32_t r = n; r < len; r++) out[keep + r - n] = r; /* the window */
+            }
+            pos += keep_counts[h];
+            off += n;
+        }
     }
     if (n_evicted) *n_evicted = evicted;
 }
@@ -117,10 +149,8 @@ int32_t adakv_select_scored(const adakv_config *cfg, int32_t layer, int32_t n_he
         if ((u & 0x7f800000u) == 0x7f800000u) return ADAKV_ERR_SCORES;
         keys[i] = adakv__key(pooled[i]);
     }
-    adakv__select_keys(cfg, n_head_kv, lens, bl, scored, keys,
-                       (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 1),
-                       (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 2),
-                       keep_counts, keep_rows, caps, n_evicted);
+    adakv__select_keys(cfg, n_head_kv, lens, bl, scored, keys, workspace, keep_counts,
+                       keep_rows, caps, n_evicted);
     return ADAKV_OK;
 }
 
@@ -146,10 +176,11 @@ int32_t adakv_select_layer(const adakv_config *cfg, int32_t layer, int32_t n_hea
     keys = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 0);
     scratch = (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 2);
     st = adakv__score_heads(cfg, n_head_kv, n_q_per_kv, n_obs, lens, scores, (float *)scratch,
-                            NULL, keys);
+                            (float *)adakv__ws_region(workspace, n_head_kv, scored, 3),
+                            (float *)adakv__ws_region(workspace, n_head_kv, scored, 4), NULL,
+                            keys);
     if (st != ADAKV_OK) return st;
-    adakv__select_keys(cfg, n_head_kv, lens, bl, scored, keys,
-                       (uint32_t *)adakv__ws_region(workspace, n_head_kv, scored, 1), scratch,
-                       keep_counts, keep_rows, caps, n_evicted);
+    adakv__select_keys(cfg, n_head_kv, lens, bl, scored, keys, workspace, keep_counts,
+                       keep_rows, caps, n_evicted);
     return ADAKV_OK;
 }

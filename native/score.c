@@ -98,6 +98,7 @@ static int adakv__aggregate(const float *restrict blk, size_t len, int32_t n, in
         agg[r] = a;
         zout[0] = zout[0] + a * 0.0f;
     }
+#undef ADAKV_SCALE
     for (int j = 0; j < ADAKV_BLK; j++)
         if (zin[j] != 0.0f || zout[j] != 0.0f) return 1;
     return 0;
@@ -130,10 +131,49 @@ static float adakv__pool_one(const float *a, int32_t n, int32_t r, int32_t kerne
     }
 }
 
+/* d[i] = max(x[i], y[i]) for i < m (x and y may overlap; d overlaps neither). */
+static void adakv__max2(const float *restrict x, const float *restrict y, int32_t m,
+                        float *restrict d) {
+    int32_t i = 0;
+    for (; i + ADAKV_BLK <= m; i += ADAKV_BLK)
+        for (int j = 0; j < ADAKV_BLK; j++) d[i + j] = y[i + j] > x[i + j] ? y[i + j] : x[i + j];
+    for (; i < m; i++) d[i] = y[i] > x[i] ? y[i] : x[i];
+}
+
+/* Max pooling of the interior rows [p, n - p) by doubling: m_2w[i] = max(m_w[i], m_w[i+w])
+ * up to the largest power of two W <= kernel, then out[r] = max(m_W[r-p], m_W[r+p-W+1]),
+ * two windows of W that cover [r-p, r+p]. Max is exact, so this equals the
+ * left-to-right max of F.max_pool1d (up to the sign of a zero, which no ranking sees).
+ * t1, t2: room for n floats each. */
+static void adakv__max_pool_interior(const float *restrict a, int32_t n, int32_t kernel,
+                                     float *restrict t1, float *restrict t2,
+                                     float *restrict pf, uint32_t *restrict pk) {
+    const int32_t p = kernel / 2;
+    const float *src = a;
+    int32_t w = 1, r;
+    float v[ADAKV_BLK];
+    while (2 * w <= kernel) { /* n > 2p >= 2w - 1, so m_2w has n - 2w + 1 >= 1 entries */
+        float *dst = src == t1 ? t2 : t1;
+        adakv__max2(src, src + w, n - 2 * w + 1, dst);
+        src = dst;
+        w *= 2;
+    }
+    for (r = p; r + ADAKV_BLK <= n - p; r += ADAKV_BLK) {
+        adakv__max2(src + r - p, src + r + p - w + 1, ADAKV_BLK, v);
+        adakv__store(v, ADAKV_BLK, pf ? pf + r : NULL, pk ? pk + r : NULL);
+    }
+    for (; r < n - p; r++) {
+        adakv__max2(src + r - p, src + r + p - w + 1, 1, v);
+        adakv__store(v, 1, pf ? pf + r : NULL, pk ? pk + r : NULL);
+    }
+}
+
 /* Pool a[0..n) into pf (floats) or pk (keys). Max: the padding acts as -inf; avg:
- * left-to-right sum of the valid neighbours / kernel (count_include_pad=True). */
+ * left-to-right sum of the valid neighbours / kernel (count_include_pad=True).
+ * t1, t2: room for n floats each. */
 static void adakv__pool(const float *restrict a, int32_t n, int32_t kernel, int32_t pooling,
-                        float *restrict pf, uint32_t *restrict pk) {
+                        float *restrict t1, float *restrict t2, float *restrict pf,
+                        uint32_t *restrict pk) {
     const int32_t p = kernel / 2;
     const float kf = (float)kernel;
     const int32_t left = p < n ? p : n; /* rows [0, left) see the left padding */
@@ -143,19 +183,17 @@ static void adakv__pool(const float *restrict a, int32_t n, int32_t kernel, int3
         v[0] = adakv__pool_one(a, n, r, kernel, pooling);
         adakv__store(v, 1, pf ? pf + r : NULL, pk ? pk + r : NULL);
     }
+    if (pooling == ADAKV_POOL_MAX && n > 2 * p) {
+        adakv__max_pool_interior(a, n, kernel, t1, t2, pf, pk);
+        r = n - p;
+    }
     /* interior blocks: every window fully inside [0, n) */
     for (; r + ADAKV_BLK + p <= n; r += ADAKV_BLK) {
         const float *w = a + r - p;
-        if (pooling == ADAKV_POOL_MAX) {
-            for (int j = 0; j < ADAKV_BLK; j++) v[j] = w[j];
-            for (int32_t t = 1; t < kernel; t++)
-                for (int j = 0; j < ADAKV_BLK; j++) v[j] = w[j + t] > v[j] ? w[j + t] : v[j];
-        } else {
-            for (int j = 0; j < ADAKV_BLK; j++) v[j] = 0.0f;
-            for (int32_t t = 0; t < kernel; t++)
-                for (int j = 0; j < ADAKV_BLK; j++) v[j] = v[j] + w[j + t];
-            for (int j = 0; j < ADAKV_BLK; j++) v[j] = v[j] / kf;
-        }
+        for (int j = 0; j < ADAKV_BLK; j++) v[j] = 0.0f;
+        for (int32_t t = 0; t < kernel; t++)
+            for (int j = 0; j < ADAKV_BLK; j++) v[j] = v[j] + w[j + t];
+        for (int j = 0; j < ADAKV_BLK; j++) v[j] = v[j] / kf;
         adakv__store(v, ADAKV_BLK, pf ? pf + r : NULL, pk ? pk + r : NULL);
     }
     /* right edge and tail */
@@ -167,7 +205,7 @@ static void adakv__pool(const float *restrict a, int32_t n, int32_t kernel, int3
 
 int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,
                            int32_t n_obs, const int32_t *lens, const float *scores,
-                           float *tmp, float *pooled, uint32_t *keys) {
+                           float *tmp, float *t1, float *t2, float *pooled, uint32_t *keys) {
     size_t in_off = 0, out_off = 0;
     for (int32_t h = 0; h < n_head_kv; h++) {
         const int32_t len = lens[h];
@@ -184,10 +222,14 @@ int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n
             if (adakv__aggregate(blk, (size_t)len, n, n_q_per_kv, cfg->gqa, n_obs, agg))
                 return ADAKV_ERR_SCORES;
             if (cfg->kernel == 1) {
-                if (pk)
-                    for (int32_t r = 0; r < n; r++) pk[r] = adakv__key(agg[r]);
+                if (pk) {
+                    int32_t r = 0;
+                    for (; r + ADAKV_BLK <= n; r += ADAKV_BLK)
+                        adakv__store(agg + r, ADAKV_BLK, NULL, pk + r);
+                    adakv__store(agg + r, n - r, NULL, pk + r);
+                }
             } else {
-                adakv__pool(agg, n, cfg->kernel, cfg->pooling, pf, pk);
+                adakv__pool(agg, n, cfg->kernel, cfg->pooling, t1, t2, pf, pk);
                 /* an average of huge finite values can overflow */
                 if (cfg->pooling == ADAKV_POOL_AVG) {
                     if (pf && adakv__nonfinite(pf, (size_t)n)) return ADAKV_ERR_SCORES;
@@ -218,5 +260,7 @@ int32_t adakv_score(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_
     if (workspace_size < adakv_workspace_size(cfg, n_head_kv, lens)) return ADAKV_ERR_WORKSPACE;
     return adakv__score_heads(cfg, n_head_kv, n_q_per_kv, n_obs, lens, scores,
                               (float *)adakv__ws_region(workspace, n_head_kv, scored, 2),
+                              (float *)adakv__ws_region(workspace, n_head_kv, scored, 3),
+                              (float *)adakv__ws_region(workspace, n_head_kv, scored, 4),
                               pooled, NULL);
 }

@@ -1,65 +1,114 @@
 /*
  * select.c -- exact, deterministic top-k on order-preserving float keys.
  *
- * No sort: a radix select finds the k-th largest key T and how many keys lie strictly
- * above it -- first from a histogram of the top 11 bits, then from histograms of the
- * next 11 and the last 10 bits over the shrinking set of candidates sharing the prefix
- * found so far. The selection is then every key above T plus the first (lowest-index)
- * keys equal to T until k are taken: exactly what "stable descending sort, take the
- * first k" selects. Hot loops work on blocks of ADAKV_BLK keys (vectorized at -O2).
+ * The top k of keys[0..n) (ties: lower index first) is every key above the k-th
+ * largest key T plus the first keys equal to T: exactly what "stable descending sort,
+ * take the first k" selects. No sort is needed:
+ *
+ *   1. a histogram of the top 11 bits of a sample (every 8th key) gives a lower bound
+ *      LB that, with a safety margin, at least k keys reach;
+ *   2. one scan collects the (ascending) indices of all keys >= LB -- a small superset
+ *      of the top k (if fewer than k are found, an exact histogram gives the bound);
+ *   3. a radix select (11/11/10 bits) over just those candidates finds T, and a pass
+ *      over the candidates keeps the top k in index order.
+ *
+ * Hot loops work on blocks of ADAKV_BLK keys with fixed-size inner loops, which
+ * compilers vectorize at -O2.
  */
 #include "adakv_internal.h"
 
 #define ADAKV_BLK 16
+#define ADAKV_SAMPLE 8          /* sampling stride for the lower bound            */
+#define ADAKV_SAMPLE_MIN 16384  /* below this many keys, use an exact histogram  */
 
-void adakv__hist(const uint32_t *keys, size_t n, uint32_t *hist) {
-    /* two interleaved histograms halve the store-to-load stalls on hot buckets */
-    uint32_t h2[ADAKV_HIST];
-    size_t i = 0;
-    memset(h2, 0, sizeof h2);
-    for (; i + 2 <= n; i += 2) {
-        hist[keys[i] >> ADAKV_HIST_SHIFT]++;
-        h2[keys[i + 1] >> ADAKV_HIST_SHIFT]++;
-    }
-    for (; i < n; i++) hist[keys[i] >> ADAKV_HIST_SHIFT]++;
-    for (int b = 0; b < ADAKV_HIST; b++) hist[b] += h2[b];
+void adakv__hist(const uint32_t *keys, size_t n, size_t stride, uint32_t *hist) {
+    memset(hist, 0, ADAKV_HIST * sizeof hist[0]);
+    for (size_t i = 0; i < n; i += stride) hist[keys[i] >> ADAKV_HIST_SHIFT]++;
 }
 
-/* Bucket holding the k-th largest (1 <= k <= total of hist); *cum = keys above it. */
-static uint32_t adakv__bucket(const uint32_t *hist, uint32_t top, size_t k, size_t *cum) {
+/* Highest bucket b whose keys and those above number at least `need`; b = 0 if none. */
+static uint32_t adakv__bucket(const uint32_t *hist, uint32_t top, size_t need, size_t *cum) {
     size_t c = 0;
     uint32_t b = top;
-    while (c + hist[b] < k) c += hist[b--];
+    while (b > 0 && c + hist[b] < need) c += hist[b--];
     *cum = c;
     return b;
 }
 
-uint32_t adakv__kth_largest(const uint32_t *keys, size_t n, size_t k, const uint32_t *hist,
+uint32_t adakv__lower_bound(const uint32_t *keys, size_t n, size_t k, uint32_t *hist) {
+    size_t cum1, cum2, need;
+    uint32_t b1, b2;
+    if (n < ADAKV_SAMPLE_MIN) {
+        adakv__hist(keys, n, 1, hist);
+        return adakv__bucket(hist, ADAKV_HIST - 1, k, &cum1) << ADAKV_HIST_SHIFT;
+    }
+    /* in sampled keys, with a margin of k/4 + 64 keys: several standard deviations of
+     * the sampled count */
+    need = (k + k / 4 + 64) / ADAKV_SAMPLE + 1;
+    adakv__hist(keys, n, ADAKV_SAMPLE, hist);
+    b1 = adakv__bucket(hist, ADAKV_HIST - 1, need, &cum1);
+    if (cum1 + hist[b1] < need) return 0; /* too few samples: no bound */
+    /* refine within bucket b1 by the next 11 bits of the sampled keys */
+    memset(hist, 0, ADAKV_HIST * sizeof hist[0]);
+    for (size_t i = 0; i < n; i += ADAKV_SAMPLE)
+        if ((keys[i] >> ADAKV_HIST_SHIFT) == b1) hist[(keys[i] >> 10) & 0x7ffu]++;
+    b2 = adakv__bucket(hist, ADAKV_HIST - 1, need - cum1, &cum2);
+    return (b1 << ADAKV_HIST_SHIFT) | (b2 << 10);
+}
+
+uint32_t adakv__exact_bound(const uint32_t *keys, size_t n, size_t k, uint32_t *hist) {
+    size_t cum;
+    adakv__hist(keys, n, 1, hist);
+    return adakv__bucket(hist, ADAKV_HIST - 1, k, &cum) << ADAKV_HIST_SHIFT;
+}
+
+size_t adakv__collect(const uint32_t *keys, size_t n, uint32_t lb, uint32_t base,
+                      uint32_t *out) {
+    size_t i = 0, m = 0;
+    for (; i + ADAKV_BLK <= n; i += ADAKV_BLK) {
+        const uint32_t *kb = keys + i;
+        uint32_t hit = 0;
+        for (int j = 0; j < ADAKV_BLK; j++) hit |= (uint32_t)(kb[j] >= lb);
+        if (!hit) continue;
+        for (int j = 0; j < ADAKV_BLK; j++) {
+            out[m] = base + (uint32_t)(i + (size_t)j);
+            m += kb[j] >= lb;
+        }
+    }
+    for (; i < n; i++) {
+        out[m] = base + (uint32_t)i;
+        m += keys[i] >= lb;
+    }
+    return m;
+}
+
+uint32_t adakv__kth_largest(const uint32_t *keys, size_t n, size_t k, uint32_t *hist,
                             uint32_t *scratch, size_t *n_above) {
-    uint32_t sub[ADAKV_HIST];
     size_t above, cum, m = 0;
-    uint32_t b = adakv__bucket(hist, ADAKV_HIST - 1, k, &above), prefix;
+    uint32_t b, prefix;
+    adakv__hist(keys, n, 1, hist);
+    b = adakv__bucket(hist, ADAKV_HIST - 1, k, &above);
     k -= above;
-    /* candidates: the keys of bucket b */
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++) { /* the candidates of bucket b */
         uint32_t v = keys[i];
-        if ((v >> ADAKV_HIST_SHIFT) == b) scratch[m++] = v;
+        scratch[m] = v;
+        m += (v >> ADAKV_HIST_SHIFT) == b;
     }
     prefix = b << ADAKV_HIST_SHIFT;
-    /* bits 20..10, then 9..0, over the candidates */
-    for (int pass = 0; pass < 2 && m > 1; pass++) {
+    for (int pass = 0; pass < 2 && m > 1; pass++) { /* bits 20..10, then 9..0 */
         const int sh = pass == 0 ? 10 : 0;
         const uint32_t mk = pass == 0 ? 0x7ffu : 0x3ffu;
         size_t j = 0;
-        memset(sub, 0, (size_t)(mk + 1) * sizeof sub[0]);
-        for (size_t i = 0; i < m; i++) sub[(scratch[i] >> sh) & mk]++;
-        b = adakv__bucket(sub, mk, k, &cum);
+        memset(hist, 0, (size_t)(mk + 1) * sizeof hist[0]);
+        for (size_t i = 0; i < m; i++) hist[(scratch[i] >> sh) & mk]++;
+        b = adakv__bucket(hist, mk, k, &cum);
         above += cum;
         k -= cum;
         prefix |= b << sh;
         for (size_t i = 0; i < m; i++) {
             uint32_t v = scratch[i];
-            if (((v >> sh) & mk) == b) scratch[j++] = v;
+            scratch[j] = v;
+            j += ((v >> sh) & mk) == b;
         }
         m = j;
     }
@@ -68,62 +117,38 @@ uint32_t adakv__kth_largest(const uint32_t *keys, size_t n, size_t k, const uint
     return prefix;
 }
 
-void adakv__count(const uint32_t *keys, size_t n, uint32_t t, size_t *gt, size_t *eq) {
-    uint32_t g[ADAKV_BLK] = {0}, e[ADAKV_BLK] = {0};
-    size_t i = 0, sg = 0, se = 0;
-    for (; i + ADAKV_BLK <= n; i += ADAKV_BLK) {
-        const uint32_t *kb = keys + i;
-        for (int j = 0; j < ADAKV_BLK; j++) {
-            g[j] += (uint32_t)(kb[j] > t);
-            e[j] += (uint32_t)(kb[j] == t);
-        }
+size_t adakv__top_among(const uint32_t *cand, const uint32_t *cand_keys, size_t c, size_t k,
+                        uint32_t base, uint32_t *hist, uint32_t *scratch, int32_t *out) {
+    size_t above = 0, ties, j = 0;
+    uint32_t t;
+    if (k == 0) return 0;
+    if (k >= c) {
+        for (size_t i = 0; i < c; i++) out[i] = (int32_t)(cand[i] - base);
+        return c;
     }
-    for (; i < n; i++) {
-        sg += keys[i] > t;
-        se += keys[i] == t;
-    }
-    for (int j = 0; j < ADAKV_BLK; j++) {
-        sg += g[j];
-        se += e[j];
-    }
-    *gt = sg;
-    *eq = se;
-}
-
-size_t adakv__emit(const uint32_t *keys, size_t n, uint32_t t, size_t ties, int32_t *out) {
-    size_t i = 0, j = 0;
-    for (; i < n; i++) {
-        uint32_t v = keys[i];
-        if ((i & (ADAKV_BLK - 1)) == 0 && i + ADAKV_BLK <= n) {
-            /* skip a whole block when none of its keys reaches t */
-            uint32_t hit = 0;
-            for (int q = 0; q < ADAKV_BLK; q++) hit |= (uint32_t)(keys[i + (size_t)q] >= t);
-            if (!hit) {
-                i += ADAKV_BLK - 1;
-                continue;
-            }
-        }
-        if (v > t) {
-            out[j++] = (int32_t)i;
-        } else if (v == t && ties > 0) {
-            out[j++] = (int32_t)i;
-            ties--;
+    t = adakv__kth_largest(cand_keys, c, k, hist, scratch, &above);
+    ties = k - above;
+    for (size_t i = 0; i < c; i++) {
+        uint32_t v = cand_keys[i];
+        if (v > t || (v == t && ties > 0)) {
+            ties -= v == t;
+            out[j++] = (int32_t)(cand[i] - base);
         }
     }
     return j;
 }
 
 size_t adakv__top_rows(const uint32_t *keys, size_t n, size_t k, uint32_t *hist,
-                       uint32_t *scratch, int32_t *out) {
-    size_t above = 0;
-    uint32_t t;
+                       uint32_t *cand, uint32_t *cand_keys, uint32_t *scratch, int32_t *out) {
+    size_t c;
     if (k >= n) {
         for (size_t i = 0; i < n; i++) out[i] = (int32_t)i;
         return n;
     }
     if (k == 0) return 0;
-    memset(hist, 0, ADAKV_HIST * sizeof hist[0]);
-    adakv__hist(keys, n, hist);
-    t = adakv__kth_largest(keys, n, k, hist, scratch, &above);
-    return adakv__emit(keys, n, t, k - above, out);
+    c = adakv__collect(keys, n, adakv__lower_bound(keys, n, k, hist), 0, cand);
+    if (c < k) /* the sample misled the bound: use the exact one */
+        c = adakv__collect(keys, n, adakv__exact_bound(keys, n, k, hist), 0, cand);
+    for (size_t i = 0; i < c; i++) cand_keys[i] = keys[cand[i]];
+    return adakv__top_among(cand, cand_keys, c, k, 0, hist, scratch, out);
 }

@@ -7,14 +7,19 @@ Agreement is measured per position on full logit vectors:
 * ``top1``: fraction of positions whose argmax agrees.
 
 Tolerances for the f32 tiny models come from what llama.cpp rounds, not from the weights
-(which are exact in f32). With flash attention, llama.cpp's graph casts K and V to f16
-before ``ggml_flash_attn_ext`` *even when the KV cache is f32* (``llama-graph.cpp``), and
-the CPU kernel converts Q to K's dot type (f16) too: relative rounding ~2^-11 = 4.9e-4 per
-element, which shows up as a relative L2 logit error of ~3e-4 already at position 0 and
-~5e-4 on average, ~1e-3 at worst over 256 tokens and 4 layers (tolerance 3e-3). Without
-flash attention and with an f32 KV cache, only float32 summation order differs: measured
-~2e-6 on average, <1e-5 at worst (tolerance 5e-5), which is tight enough to catch any
-convention error (RoPE pairing, bias, norm placement, head grouping).
+(which are exact in f32). Measured over 256 tokens, 4 layers, seed 0:
+
+* flash attention (llama.cpp's default here): the graph casts K and V to f16 before
+  ``ggml_flash_attn_ext`` *even when the KV cache is f32* (``llama-graph.cpp``); relative
+  rounding 2^-11 per element shows as ~3e-4 rel L2 already at position 0, 3e-4..1.3e-3 on
+  average and 6e-4..6e-3 at worst (tolerance 1e-2; the tied-embedding llama-mha preset,
+  whose residual stream is dominated by attention outputs, is the most sensitive);
+* the same against the reference with ``f16_kv=True`` (K/V rounded to f16 as they enter
+  its cache): worst 1.6e-4..6e-4 (tolerance 2e-3);
+* no flash attention and an f32 KV cache: only float32 summation order differs, 1e-6..6e-6
+  on average, 4e-6..5e-5 at worst (tolerance 2e-4) -- tight enough to catch any
+  convention error (RoPE pairing, biases, norm placement, head grouping), which shows up
+  as O(1) differences.
 """
 
 from __future__ import annotations
@@ -29,7 +34,11 @@ import pytest
 pytest.importorskip("torch", reason="torch is the reference's (test-only) dependency")
 llama_cpp = pytest.importorskip("llama_cpp", reason="vanilla runtime not built yet")
 
-from adakv_local.reference import ReferenceModel, attention_probs  # noqa: E402
+from adakv_local.reference import (  # noqa: E402
+    ReferenceModel,
+    attention_probs,
+    dequantize_gguf,
+)
 from adakv_local.tiny_models import SPECIAL, TINY_PRESETS, write_preset  # noqa: E402
 
 GGML_TYPE_F32 = 0
@@ -37,9 +46,15 @@ DEFAULT_MODEL = Path(os.environ.get("ADAKV_MODELS_DIR", Path(__file__).parents[1
 DEFAULT_MODEL = DEFAULT_MODEL / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 N_TOKENS = 256
-# Measured (seed 0, 256 tokens): max rel L2 FA/f16 ~1e-3, no-FA/f32 KV <1e-5; see module doc.
-TOL_REL_L2_FA = 3e-3
-TOL_REL_L2_EXACT = 5e-5
+# More llama.cpp threads than cores makes ggml's spinning thread pool crawl.
+N_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                       else (os.cpu_count() or 1)))
+# Measured (seed 0, 256 tokens), max over positions, worst preset (llama-mha):
+# FA ~6e-3 (others 0.6-2.8e-3), no-FA/f32 KV ~5e-5 (others <1.3e-5). See module doc.
+TOL_REL_L2_FA = 1e-2
+# ... and FA vs the reference rounding K/V to f16 (f16_kv=True): max ~6e-4 (mha), 1.6-3.6e-4.
+TOL_REL_L2_FA_EMULATED = 2e-3
+TOL_REL_L2_EXACT = 2e-4
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -63,7 +78,7 @@ def cpp_logits(
     kv: dict[str, Any] = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_kv else {}
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=max(512, len(tokens)), n_batch=512, n_ubatch=512,
-        n_threads=4, n_threads_batch=4, logits_all=True, flash_attn=flash_attn,
+        n_threads=N_THREADS, n_threads_batch=N_THREADS, logits_all=True, flash_attn=flash_attn,
         verbose=False, seed=0, **kv,
     )
     try:
@@ -112,7 +127,11 @@ def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tiny_refs(tiny_paths: dict[str, Path]) -> dict[str, ReferenceModel]:
-    return {name: ReferenceModel.from_gguf(p) for name, p in tiny_paths.items()}
+    import torch
+
+    # float64 so that the oracle's own rounding (~1e-5 in float32) does not count.
+    return {name: ReferenceModel.from_gguf(p, dtype=torch.float64)
+            for name, p in tiny_paths.items()}
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -122,15 +141,22 @@ def tiny_refs(tiny_paths: dict[str, Path]) -> dict[str, ReferenceModel]:
 def test_tiny_matches_llama_cpp(
     preset: str, tiny_paths: dict[str, Path], tiny_refs: dict[str, ReferenceModel]
 ) -> None:
+    import torch
+
     ref_model = tiny_refs[preset]
     toks = tiny_tokens(N_TOKENS, ref_model.config.n_vocab)
     ref = ref_model.forward(toks)
-    fa = compare(ref, cpp_logits(tiny_paths[preset], toks, flash_attn=True))
+    cpp_fa = cpp_logits(tiny_paths[preset], toks, flash_attn=True)
+    fa = compare(ref, cpp_fa)
+    emulated = ReferenceModel.from_gguf(tiny_paths[preset], dtype=torch.float64, f16_kv=True)
+    fa_emu = compare(emulated.forward(toks), cpp_fa)
     exact = compare(ref, cpp_logits(tiny_paths[preset], toks, flash_attn=False, f32_kv=True))
-    print(f"\n{preset}: FA, f16 KV {fa}\n{preset}: no FA, f32 KV {exact}")
+    print(f"\n{preset}: FA, f16 KV {fa}\n{preset}: same, reference with f16_kv {fa_emu}"
+          f"\n{preset}: no FA, f32 KV {exact}")
     assert fa["rel_l2_max"] < TOL_REL_L2_FA, fa
+    assert fa_emu["rel_l2_max"] < TOL_REL_L2_FA_EMULATED, fa_emu
     assert exact["rel_l2_max"] < TOL_REL_L2_EXACT, exact
-    assert fa["top1"] > 0.98 and exact["top1"] == 1.0
+    assert fa["top1"] > 0.98 and fa_emu["top1"] == 1.0 and exact["top1"] == 1.0
 
 
 def test_tiny_matches_llama_cpp_without_flash_attn(
@@ -143,6 +169,58 @@ def test_tiny_matches_llama_cpp_without_flash_attn(
                                                         flash_attn=False))
     print(f"\nllama-gqa no-FA: {stats}")
     assert stats["rel_l2_max"] < TOL_REL_L2_FA, stats
+
+
+@pytest.mark.parametrize(("dtype", "max_kl"), [("f16", 1e-4), ("q8_0", 1e-2), ("q4_k", 1e-2)])
+def test_tiny_weight_types_load_and_agree(
+    dtype: str, max_kl: float, tmp_path: Path
+) -> None:
+    """f16/q8_0/q4_k files load in llama.cpp; the reference dequantizes them identically.
+
+    llama.cpp rounds activations to the weights' dot type (f16, Q8_0, Q8_K), so agreement
+    is statistical. Measured on llama-gqa, 128 tokens, mean KL: f16 3e-6, q8_0 1.7e-3,
+    q4_k 3.5e-3 (rel L2 mean 9e-4, 2.1e-2, 2.8e-2).
+    """
+    import torch
+
+    path = write_preset(tmp_path / f"gqa-{dtype}.gguf", "llama-gqa", dtype=dtype)
+    ref_model = ReferenceModel.from_gguf(path, dtype=torch.float64)
+    toks = tiny_tokens(128, ref_model.config.n_vocab)
+    stats = compare(ref_model.forward(toks), cpp_logits(path, toks))
+    print(f"\nllama-gqa {dtype}: {stats}")
+    assert stats["kl_mean"] < max_kl, stats
+    assert stats["top1"] > 0.85, stats
+
+
+def test_tiny_gguf_is_deterministic_and_fast(tmp_path: Path) -> None:
+    import time
+
+    for name in TINY_PRESETS:
+        t0 = time.perf_counter()
+        a = write_preset(tmp_path / f"{name}-a.gguf", name)
+        elapsed = time.perf_counter() - t0
+        b = write_preset(tmp_path / f"{name}-b.gguf", name)
+        c = write_preset(tmp_path / f"{name}-c.gguf", name, seed=1)
+        assert a.read_bytes() == b.read_bytes(), name
+        assert a.read_bytes() != c.read_bytes(), name
+        assert elapsed < 2.0, (name, elapsed)  # ~0.1 s on an idle core
+
+
+def test_tiny_tokenizer_and_chat_template(tiny_paths: dict[str, Path]) -> None:
+    llm = llama_cpp.Llama(model_path=str(tiny_paths["qwen2"]), n_ctx=256,
+                          n_threads=N_THREADS, verbose=False)
+    try:
+        text = "hello world, the passkey is 71432."
+        toks = llm.tokenize(text.encode(), add_bos=True)
+        assert toks[0] == SPECIAL.bos and len(toks) < len(text)
+        # SPM adds a word-boundary "▁" in front, which decodes to a space
+        assert llm.detokenize(toks[1:]).decode() == " " + text
+        assert llm.token_eos() == SPECIAL.eos
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0.0)
+        assert isinstance(out["choices"][0]["message"]["content"], str)
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("preset", ["llama-gqa", "qwen3"])
@@ -172,35 +250,57 @@ def test_token_eviction_matches_llama_cpp_seq_rm(
     assert plain["rel_l2_mean"] > 1e-2, plain
 
 
-@pytest.mark.slow
-def test_default_model_matches_llama_cpp() -> None:
-    """SmolLM2-135M-Instruct Q4_1: llama.cpp quantizes activations to Q8_1 for its Q4_1
-    matmuls, so agreement is statistical (measured: top-1 ~0.96, mean KL ~2e-3)."""
+SMOL_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Photosynthesis is the process by which "
+    "green plants use sunlight, water and carbon dioxide to make glucose and oxygen. The "
+    "capital of France is Paris, and the capital of Italy is Rome. In 1969, Neil Armstrong "
+    "became the first person to walk on the Moon. The passkey is 71432. Remember it. "
+    "What is the passkey? The passkey is"
+)
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory: pytest.TempPathFactory) -> tuple[ReferenceModel, Path, np.ndarray]:
+    """(reference, f32-dequantized copy, tokens of SMOL_TEXT) for the default model."""
     if not DEFAULT_MODEL.exists():
         pytest.skip(f"{DEFAULT_MODEL} not fetched (adakv-local models fetch)")
-    ref_model = ReferenceModel.from_gguf(DEFAULT_MODEL)
+    f32_copy = dequantize_gguf(DEFAULT_MODEL, tmp_path_factory.mktemp("smol") / "smol-f32.gguf")
+    ref_model = ReferenceModel.from_gguf(f32_copy)  # same weights as the Q4_1 file, no re-dequant
+    llm = llama_cpp.Llama(model_path=str(DEFAULT_MODEL), n_ctx=512, n_threads=N_THREADS,
+                          verbose=False)
+    try:
+        toks = np.array(llm.tokenize(SMOL_TEXT.encode(), add_bos=True), dtype=np.int64)
+    finally:
+        llm.close()
+    return ref_model, f32_copy, toks
+
+
+@pytest.mark.slow
+def test_default_model_architecture_is_exact(
+    smol: tuple[ReferenceModel, Path, np.ndarray],
+) -> None:
+    """SmolLM2's architecture (30 layers, 9/3 heads, rope theta 1e5, tied embeddings) with
+    exact arithmetic: llama.cpp on the f32-dequantized copy, no FA, f32 KV cache
+    (measured: rel L2 max ~7e-6, top-1 1.0)."""
+    ref_model, f32_copy, toks = smol
     cfg = ref_model.config
     assert (cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_head_kv, cfg.head_dim) == (
         "llama", 30, 9, 3, 64)
-    assert ref_model.tied_embeddings
-    text = (
-        "The quick brown fox jumps over the lazy dog. Photosynthesis is the process by "
-        "which green plants use sunlight, water and carbon dioxide to make glucose and "
-        "oxygen. The capital of France is Paris, and the capital of Italy is Rome. In "
-        "1969, Neil Armstrong became the first person to walk on the Moon. Water boils "
-        "at 100 degrees Celsius at sea level. The passkey is 71432. Remember it. The "
-        "mitochondria is the powerhouse of the cell. What is the passkey? The passkey is"
-    )
-    llm = llama_cpp.Llama(model_path=str(DEFAULT_MODEL), n_ctx=512, n_batch=512,
-                          n_threads=4, logits_all=True, flash_attn=True, verbose=False)
-    try:
-        toks = np.array(llm.tokenize(text.encode(), add_bos=True), dtype=np.int64)
-        llm.eval([int(t) for t in toks])
-        cpp = np.array(llm.scores[: len(toks)], dtype=np.float64)
-    finally:
-        llm.close()
-    ref = ref_model.forward(toks)
-    stats = compare(ref, cpp)
+    assert ref_model.tied_embeddings and cfg.rope_mode == "norm"
+    stats = compare(ref_model.forward(toks),
+                    cpp_logits(f32_copy, toks, flash_attn=False, f32_kv=True))
+    print(f"\nSmolLM2 f32 copy ({len(toks)} tokens): {stats}")
+    assert stats["rel_l2_max"] < TOL_REL_L2_EXACT, stats
+    assert stats["top1"] == 1.0
+
+
+@pytest.mark.slow
+def test_default_model_matches_llama_cpp(smol: tuple[ReferenceModel, Path, np.ndarray]) -> None:
+    """The Q4_1 file itself: llama.cpp quantizes activations to Q8_1 for its Q4_1/Q8_0
+    matmuls and the reference does not, so agreement is statistical (measured on this
+    text: top-1 ~0.97, mean KL ~3-4e-3, rel L2 mean ~4e-2)."""
+    ref_model, _, toks = smol
+    stats = compare(ref_model.forward(toks), cpp_logits(DEFAULT_MODEL, toks, flash_attn=True))
     print(f"\nSmolLM2 Q4_1 ({len(toks)} tokens): {stats}")
     assert stats["top1"] >= 0.9, stats
     assert stats["kl_mean"] < 1e-2, stats
@@ -214,7 +314,9 @@ def test_keep_all_equals_plain_forward(tiny_refs: dict[str, ReferenceModel]) -> 
         cfg = model.config
         toks = tiny_tokens(96, cfg.n_vocab, seed=3)
         keep = np.ones((cfg.n_layer, cfg.n_head_kv, 64), dtype=bool)
-        np.testing.assert_array_equal(model.forward(toks, keep), model.forward(toks))
+        # equal up to summation order (the prefix and the rest are run separately)
+        np.testing.assert_allclose(model.forward(toks, keep), model.forward(toks),
+                                   rtol=0, atol=1e-9)
 
 
 def test_random_keep_changes_only_later_tokens(tiny_refs: dict[str, ReferenceModel]) -> None:
