@@ -26,7 +26,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         "`python -m adakv_local.build_runtime` or `make setup`"
     ) from e
 
-_LOG_LINES: collections.deque[str] = collections.deque(maxlen=200)
+_LOG_LINES: collections.deque[str] = collections.deque(maxlen=5000)
 _LOG_LOCK = threading.Lock()
 _VERBOSE = [False]
 _CUR: list[str] = [""]
@@ -50,8 +50,9 @@ _BACKEND_READY = [False]
 def init_backend(verbose: bool = False) -> None:
     """Initialise llama.cpp once and route its log through our sink."""
     _VERBOSE[0] = verbose
+    # (re)install our sink every time: llama_cpp.Llama installs its own when it is used.
+    C.llama_log_set(_log_callback, ctypes.c_void_p(0))
     if not _BACKEND_READY[0]:
-        C.llama_log_set(_log_callback, ctypes.c_void_p(0))
         C.llama_backend_init()
         _BACKEND_READY[0] = True
 
@@ -172,7 +173,8 @@ def decode(ctx: Any, batch: Batch) -> None:
     if rc != 0:
         why = recent_log(4)
         raise AdaKVError(
-            f"llama_decode failed with code {rc} ({'no room in the KV cache' if rc == 1 else 'error'})"
+            f"llama_decode failed with code {rc} "
+            f"({'no room in the KV cache' if rc == 1 else 'error'})"
             + ("\n  llama.cpp: " + "\n  llama.cpp: ".join(why) if why else "")
         )
 

@@ -217,7 +217,7 @@ def _failed_hunks(output: str) -> str:
     """The lines of patch(1)'s output that say which file and hunk failed."""
     keep = [
         ln for ln in output.splitlines()
-        if re.search(r"(patching file|Hunk #\d+ FAILED|can't find file|malformed|"
+        if re.search(r"(patching file|checking file|Hunk #\d+ FAILED|can't find file|malformed|"
                      r"Reversed|already exists|No such file)", ln)
     ]
     return "\n".join(keep[-20:]) or output[-1500:]
@@ -230,7 +230,8 @@ def apply_patches(vendor: Path, patches: list[Path] | None = None) -> None:
     change and the error names the patch and its failing hunks.
     """
     for p in patches if patches is not None else patch_series():
-        base = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(p)]
+        base = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch",
+                "--fuzz=0", "-i", str(p)]
         dry = subprocess.run(base + ["--dry-run"], cwd=vendor, capture_output=True, text=True)
         if dry.returncode != 0:
             raise RuntimeBuildError(

@@ -34,9 +34,9 @@ GOOD = """--- a/src/a.c
 BAD = """--- a/src/a.c
 +++ b/src/a.c
 @@ -1,3 +1,3 @@
- int a(void) {
--    return 42;
-+    return 2;
+ int b(void) {
+-    return 2;
++    return 3;
  }
 """
 
@@ -53,7 +53,7 @@ def test_bad_patch_names_patch_and_hunk(tmp_path: Path) -> None:
     vendor = _tree(tmp_path)
     good, bad = tmp_path / "0001-good.patch", tmp_path / "0002-broken.patch"
     good.write_text(GOOD)
-    bad.write_text(BAD.replace("return 42", "return 7"))
+    bad.write_text(BAD)
     with pytest.raises(RuntimeBuildError) as ei:
         B.apply_patches(vendor, [good, bad])
     msg = str(ei.value)

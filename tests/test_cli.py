@@ -24,7 +24,8 @@ def test_help_lists_commands() -> None:
 
 def test_models_list_and_fetch(default_model: Path) -> None:
     out = _run("models", "list")
-    assert out.returncode == 0 and "smollm2-135m (default)" in out.stdout and "fetched" in out.stdout
+    assert out.returncode == 0
+    assert "smollm2-135m (default)" in out.stdout and "fetched" in out.stdout
     out = _run("models", "fetch")
     assert out.returncode == 0 and out.stdout.strip() == str(default_model)
     bad = _run("models", "fetch", "no-such-model")
