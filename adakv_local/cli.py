@@ -149,12 +149,46 @@ def cmd_models(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x.lower().replace("k", "000")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    """Vanilla vs Ada-KV: memory, speed, quality; table + JSON + plot."""
+    from .compare import compare, plot, table
+
+    policies = [p for p in ns.policies.split(",") if p]
+    report = compare(ns.model, ns.contexts, ns.budgets, policies, prefill=ns.prefill,
+                     chunk=ns.chunk, decode_steps=ns.decode_steps, threads=ns.threads,
+                     n_gpu_layers=ns.n_gpu_layers, progress=not ns.quiet)
+    print(table(report))
+    if ns.json:
+        import json
+
+        with open(ns.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {ns.json}", file=sys.stderr)
+    if ns.plot:
+        plot(report, ns.plot)
+        print(f"wrote {ns.plot}", file=sys.stderr)
+    failed = [r for r in report["runs"] if "error" in r]
+    for r in failed:
+        print(f"run {r['label']} at {r['spec']['context']} failed:\n{r['error']}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     ap = argparse.ArgumentParser(
         prog="adakv-local",
         description="Local GGUF inference with Ada-KV head-wise adaptive KV-cache eviction.",
-        epilog="Examples:\n  adakv-local demo\n  adakv-local chat -p 'Hello'\n"
+        epilog="Examples:\n  adakv-local demo\n  adakv-local chat -p 'Hello' --kv-budget 256\n"
+               "  adakv-local compare --contexts 1024,4096 --budgets 256 --plot cmp.png\n"
                "  adakv-local models fetch smollm2-135m",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -175,6 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--question", default=DEMO_QUESTION)
     p.set_defaults(func=cmd_demo, temperature=0.0)
+
+    p = sub.add_parser("compare", help="vanilla llama.cpp vs Ada-KV: memory, speed, quality")
+    p.add_argument("--model", "-m", default=None,
+                   help=f"GGUF path or registry name (default: {DEFAULT_MODEL})")
+    p.add_argument("--contexts", type=_ints, default=[1024, 2048, 4096, 8192],
+                   help="prompt lengths in tokens (default 1024,2048,4096,8192)")
+    p.add_argument("--budgets", type=_ints, default=[128, 256, 512],
+                   help="KV budgets, rows per head (default 128,256,512)")
+    p.add_argument("--policies", default="ada-snapkv,snapkv",
+                   help="comma-separated policies (default ada-snapkv,snapkv)")
+    p.add_argument("--prefill", choices=["full", "chunked"], default="full")
+    p.add_argument("--chunk", type=int, default=512, help="chunk size for chunked prefill")
+    p.add_argument("--decode-steps", type=int, default=64, help="greedy decode steps (64)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the full report here")
+    p.add_argument("--plot", default=None, help="write a PNG plot here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="list or fetch registry models")
     p.add_argument("action", choices=["list", "fetch"])

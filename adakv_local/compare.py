@@ -1,0 +1,260 @@
+"""``adakv-local compare``: vanilla llama.cpp vs Ada-KV, side by side, on the same prompt.
+
+Every run (one context length x one configuration) happens in its own subprocess, so peak
+RSS and allocation figures are clean. Each run prefills the same seeded passkey prompt,
+then decodes greedily, and reports prefill tokens/s, median decode ms/token, KV bytes
+allocated, peak RSS (and peak VRAM on a GPU build), greedy-token agreement with vanilla, and
+whether the passkey was answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One measured run."""
+
+    model: str | None
+    context: int
+    budget: int | None  # None: vanilla llama.cpp
+    policy: str = "ada-snapkv"
+    prefill: str = "full"
+    chunk: int = 512
+    decode_steps: int = 64
+    threads: int | None = None
+    seed: int = 0
+    n_gpu_layers: int = 0
+
+    @property
+    def label(self) -> str:
+        if self.budget is None:
+            return "vanilla"
+        mode = "" if self.prefill == "full" else f"/chunked{self.chunk}"
+        return f"{self.policy}@{self.budget}{mode}"
+
+
+def build_prompt(llm: Any, context: int, seed: int) -> tuple[list[int], str]:
+    """Chat tokens of a passkey prompt of about ``context`` tokens, and the passkey."""
+    from .tasks import passkey
+
+    s = passkey(context, 0.5, seed, source="filler")
+    toks = llm.tokenize(llm.format_chat(s.messages()), add_bos=False)
+    # one proportional correction so that every run sees ~``context`` prompt tokens
+    s = passkey(max(64, int(context * context / max(1, len(toks)))), 0.5, seed, source="filler")
+    toks = llm.tokenize(llm.format_chat(s.messages()), add_bos=False)
+    return toks, s.answer
+
+
+def _peak_vram() -> int | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                              "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+        return int(out.stdout.split()[0]) * 2**20 if out.returncode == 0 else None
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Measure one configuration in this process (called in a fresh subprocess)."""
+    from .llm import LocalLLM
+
+    n_ctx = spec.context + spec.decode_steps + 256
+    kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_threads": spec.threads, "seed": spec.seed,
+                              "n_gpu_layers": spec.n_gpu_layers}
+    if spec.budget is not None:
+        kwargs.update(kv_budget=spec.budget, policy=spec.policy, prefill=spec.prefill,
+                      chunk=spec.chunk)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with LocalLLM(spec.model, **kwargs) as llm:
+        toks, key = build_prompt(llm, spec.context, spec.seed)
+        t0 = time.perf_counter()
+        llm.prefill_tokens(toks)
+        prefill_s = time.perf_counter() - t0
+        st_prefill = llm.kv_stats()
+        steps: list[float] = []
+        # continue the same cache: greedy_ids reuses every prompt token
+        gen = llm.greedy_ids(toks, spec.decode_steps, ignore_eos=True, step_seconds=steps)
+        answer = llm.detokenize(gen[:16])
+        st = llm.kv_stats()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "label": spec.label,
+        "spec": asdict(spec),
+        "prompt_tokens": len(toks),
+        "prefill_seconds": prefill_s,
+        "prefill_tok_per_s": len(toks) / prefill_s,
+        "decode_ms_per_token": 1000 * statistics.median(steps) if steps else None,
+        "decode_steps": len(steps),
+        "kv_bytes_allocated": st["bytes_allocated"],
+        "kv_bytes_after_prefill": st_prefill["bytes_allocated"],
+        "kv_bytes_peak": st.get("peak_bytes_allocated", st["bytes_allocated"]),
+        "vanilla_kv_bytes_for_tokens": st["vanilla_bytes_for_tokens"],
+        "peak_rss_bytes": rss,
+        "rss_before_model_bytes": rss0,
+        "peak_vram_bytes": _peak_vram() if spec.n_gpu_layers else None,
+        "tokens": gen,
+        "answer": answer,
+        "passkey": key,
+        "passkey_correct": key in answer,
+        "compressions": st.get("compressions", 0),
+    }
+
+
+def _spawn(spec: RunSpec, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "adakv_local.compare", "--worker", json.dumps(asdict(spec))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"label": spec.label, "spec": asdict(spec),
+                "error": (proc.stderr or proc.stdout).strip()[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def agreement(a: Sequence[int], b: Sequence[int]) -> tuple[float, int]:
+    """(fraction of equal tokens position-wise, length of the identical prefix)."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0.0, 0
+    same = sum(1 for x, y in zip(a[:n], b[:n], strict=True) if x == y)
+    prefix = next((i for i in range(n) if a[i] != b[i]), n)
+    return same / n, prefix
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores and platform, for the report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
+            policies: Sequence[str], *, prefill: str = "full", chunk: int = 512,
+            decode_steps: int = 64, threads: int | None = None, n_gpu_layers: int = 0,
+            timeout: float = 1800, progress: bool = True) -> dict[str, Any]:
+    """Run vanilla and every (policy, budget) at every context length; return the report."""
+    specs: list[RunSpec] = []
+    for ctx in contexts:
+        specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps, threads=threads,
+                             n_gpu_layers=n_gpu_layers))
+        for pol in policies:
+            for b in budgets:
+                specs.append(RunSpec(model, ctx, b, pol, prefill, chunk, decode_steps, threads,
+                                     n_gpu_layers=n_gpu_layers))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), desc="compare", unit="run", file=sys.stderr)
+    runs: list[dict[str, Any]] = []
+    for spec in specs:
+        if bar is not None:
+            bar.set_postfix_str(f"{spec.context} tok {spec.label}")
+        runs.append(_spawn(spec, timeout))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    vanilla = {r["spec"]["context"]: r for r in runs if r["spec"]["budget"] is None}
+    for r in runs:
+        v = vanilla.get(r["spec"]["context"])
+        if "error" in r or v is None or "error" in v:
+            continue
+        frac, prefix = agreement(r["tokens"], v["tokens"])
+        r["greedy_agreement"] = frac
+        r["greedy_identical_prefix"] = prefix
+        for k_ratio, k in (("decode_ratio_vs_vanilla", "decode_ms_per_token"),
+                           ("prefill_ratio_vs_vanilla", "prefill_tok_per_s"),
+                           ("kv_bytes_ratio_vs_vanilla", "kv_bytes_allocated"),
+                           ("peak_rss_ratio_vs_vanilla", "peak_rss_bytes")):
+            if r.get(k) and v.get(k):
+                r[k_ratio] = r[k] / v[k]
+    return {"machine": machine_info(), "threads": threads, "created": time.time(),
+            "runs": runs}
+
+
+def table(report: dict[str, Any]) -> str:
+    """A markdown table of the report."""
+    head = ("| context | config | prefill tok/s | decode ms/tok | KV allocated | peak RSS "
+            "| agree | passkey |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['spec']['context']} | {r['label']} | error: "
+                         f"{r['error'].splitlines()[-1][:60]} | | | | | |")
+            continue
+        agree = r.get("greedy_agreement")
+        lines.append(
+            f"| {r['prompt_tokens']} | {r['label']} | {r['prefill_tok_per_s']:.0f} "
+            f"| {r['decode_ms_per_token']:.1f} | {r['kv_bytes_allocated'] / 2**20:.1f} MiB "
+            f"| {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"| {'-' if agree is None else f'{agree:.2f}'} "
+            f"| {'yes' if r['passkey_correct'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    """KV memory vs context and decode speed vs context, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in report["runs"]:
+        if "error" not in r:
+            by_label.setdefault(r["label"], []).append(r)
+    for label, rs in sorted(by_label.items(), key=lambda kv: kv[0] != "vanilla"):
+        rs.sort(key=lambda r: r["prompt_tokens"])
+        x = [r["prompt_tokens"] for r in rs]
+        style = {"color": "black", "linewidth": 2.5} if label == "vanilla" else {}
+        ax1.plot(x, [r["kv_bytes_allocated"] / 2**20 for r in rs], "o-", label=label, **style)
+        ax2.plot(x, [r["decode_ms_per_token"] for r in rs], "o-", label=label, **style)
+    m = report["machine"]
+    ax1.set(xlabel="context (tokens)", ylabel="KV cache allocated (MiB)", title="KV memory")
+    ax2.set(xlabel="context (tokens)", ylabel="decode ms / token (median)",
+            title="decode speed")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"adakv-local vs vanilla llama.cpp — {m['cpu']}, "
+                 f"{report['threads'] or m['cores']} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m adakv_local.compare --worker SPEC`` (internal) entry point."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 2 and args[0] == "--worker":
+        spec = RunSpec(**json.loads(args[1]))
+        print(json.dumps(run_one(spec)))
+        return 0
+    from .cli import main as cli_main
+
+    return cli_main(["compare", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
