@@ -27,6 +27,7 @@ from .models import resolve_model
 C = R.C
 
 ROLES = ("system", "user", "assistant", "tool")
+_POOL_ALIGN = 256
 Message = dict[str, Any]
 
 
@@ -253,6 +254,11 @@ class LocalLLM:
                 policy=policy, budget=kv_budget, window=window, floor_alpha=floor_alpha,
                 pooling=pooling, kernel=kernel, n_layers=self.n_layer)
             first = kv_budget + (chunk if prefill == "chunked" else n_batch) + headroom
+            # full mode: pools of a multiple of 256 rows (flash attention's CPU kernel rounds
+            # by view length, so uncompressed ragged runs stay identical to vanilla); chunked
+            # mode allocates exactly, to keep its memory bound
+            self._align = _POOL_ALIGN if prefill == "full" else 1
+            first = -(-first // self._align) * self._align
             try:
                 self._rc = ragged.RaggedContext.create(
                     self._model, cparams=cp, initial_capacity=min(first, n_ctx),
@@ -277,6 +283,7 @@ class LocalLLM:
         self._tokens: list[int] = []  # every token whose KV is in the cache, in order
         self._stats = _Stats()
         self._free_rows = 0  # rows every head can still take before it is full (ragged)
+        self._align = getattr(self, "_align", 1)
         self._ada = _AdaStats()
 
         self._bos = C.llama_vocab_bos(self._vocab)
@@ -690,8 +697,12 @@ class LocalLLM:
         return int(min(int((c - ln).min()) for c, ln in zip(caps, lens, strict=True)))
 
     def _reserve(self, rows: int) -> None:
+        """Give every head at least ``rows`` free rows (full mode: the longest head's new
+        capacity rounded up to a multiple of 256 rows, so uncompressed runs match vanilla)."""
         assert self._rc is not None
-        self._rc.reserve(rows)
+        longest = max(int(ln.max()) for ln in self._rc.all_lengths())
+        target = -(-(longest + rows) // self._align) * self._align
+        self._rc.reserve(target - longest)
         self._free_rows = self._min_free_rows()
 
     def _make_room(self) -> None:
@@ -717,13 +728,22 @@ class LocalLLM:
         if fits and "pyramid" not in cfg.policy:
             # nothing can be evicted: only make sure decoding has room
             if self._min_free_rows() < self.headroom:
-                rc.reserve(self.headroom)
+                self._reserve(self.headroom)
             self._free_rows = self._min_free_rows()
             return
-        n_obs = max(1, min(cfg.window, len(self._tokens)))
+        n_obs = max(1, min(cfg.window, rc.window_available()))
         group = self.n_head // self.n_head_kv
         t0 = time.perf_counter()
-        scores = rc.observe(n_obs) if cfg.uses_scores else [None] * self.n_layer
+        scores: list[Any] = [None] * self.n_layer
+        if cfg.uses_scores:
+            # one graph for all layers; the flat buffer is layer by layer, each layer's
+            # query heads one after the other, each a block of its KV head's length
+            flat = rc.observe_flat(n_obs)
+            off = 0
+            for il in range(self.n_layer):
+                size = group * int(lens[il].sum())
+                scores[il] = flat[off:off + size]
+                off += size
         t1 = time.perf_counter()
         sels = [select_flat(cfg, il, scores[il], lens[il], group, n_obs=n_obs)
                 for il in range(self.n_layer)]
@@ -731,7 +751,7 @@ class LocalLLM:
         evicted = 0
         for il, sel in enumerate(sels):
             if sel.evicted:
-                rc.compact(il, sel.counts, sel.rows, sel.counts + self.headroom)
+                rc.compact(il, list(sel.keep), sel.counts + self.headroom)
                 evicted += sel.n_evicted
         if self._min_free_rows() < self.headroom:
             rc.reserve(self.headroom)

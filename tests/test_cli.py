@@ -16,7 +16,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
 def test_help_lists_commands() -> None:
     out = _run("--help")
     assert out.returncode == 0
-    for cmd in ("chat", "demo", "models"):
+    for cmd in ("chat", "demo", "models", "compare"):
         assert cmd in out.stdout
     sub = _run("chat", "--help")
     assert sub.returncode == 0 and "--kv-budget" in sub.stdout and "--prompt" in sub.stdout
@@ -53,3 +53,12 @@ def test_bad_model_is_a_clean_error(tmp_path: Path) -> None:
     out = _run("chat", "-p", "hi", "--model", str(bad))
     assert out.returncode == 2 and "not a GGUF file" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_demo_shows_vanilla_and_adakv_memory(default_model: Path) -> None:
+    """The README's main job: both answers and the memory comparison are printed."""
+    out = _run("demo", "--threads", "2", timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "vanilla llama.cpp:" in out.stdout and "Ada-KV (ada-snapkv, budget 256):" in out.stdout
+    assert "KV cache: vanilla" in out.stdout and "less than the live vanilla rows" in out.stdout
+    assert out.stdout.count("(correct)") == 2, out.stdout
