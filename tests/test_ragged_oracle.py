@@ -147,6 +147,6 @@ def test_compaction_returns_memory_to_the_os(default_model: Path) -> None:
             rc.close()
     freed = alloc0 - alloc1
     assert alloc1 == used1 == 30 * 3 * 256 * 64 * 2 * 2
-    assert freed > 150 * 2**20
+    assert freed > 80 * 2**20  # ~100 MB of a 4,352-row pool down to 256 rows
     # RSS goes down by about the freed amount (allocator slack allowed)
     assert rss0 - rss1 > 0.8 * freed, (rss0 - rss1, freed)
