@@ -138,6 +138,20 @@ def token_text(vocab: Any, token: int) -> str:
     return t.decode("utf-8", errors="replace") if t else ""
 
 
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    ggml allocates CPU KV pools with malloc; after compaction frees the old pools, glibc may
+    keep them in its heap (its mmap threshold grows with earlier frees), so RSS would not go
+    down without this.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Batch:
     """A reusable llama_batch for one sequence."""
 

@@ -755,6 +755,8 @@ class LocalLLM:
                 evicted += sel.n_evicted
         if self._min_free_rows() < self.headroom:
             rc.reserve(self.headroom)
+        if evicted:
+            R.release_free_memory()
         t3 = time.perf_counter()
         a = self._ada
         a.compressions += 1
