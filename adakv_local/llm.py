@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class _Stats:
     decode_seconds: float = 0.0
     reused_tokens: int = 0
     resets: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +170,7 @@ class LocalLLM:
     ) -> None:
         self._ctx: Any = None
         self._rc: Any = None
+        self._align = 1  # row alignment of pool growth (256 in full-mode Ada-KV)
         self._model: Any = None
         self._batch: R.Batch | None = None
         self._stream: Iterator[Any] | None = None
@@ -283,7 +283,6 @@ class LocalLLM:
         self._tokens: list[int] = []  # every token whose KV is in the cache, in order
         self._stats = _Stats()
         self._free_rows = 0  # rows every head can still take before it is full (ragged)
-        self._align = getattr(self, "_align", 1)
         self._ada = _AdaStats()
 
         self._bos = C.llama_vocab_bos(self._vocab)
@@ -516,16 +515,20 @@ class LocalLLM:
         assert self._batch is not None
         if len(self._tokens) >= self.n_ctx:
             raise ContextOverflowError(f"the context window of {self.n_ctx} tokens is full")
+        self._append_token(int(token), time.perf_counter())
+        return R.logits_row(self._ctx, -1, self.n_vocab)
+
+    def _append_token(self, tok: int, t0: float) -> None:
+        """Decode one token at the next position (making room first with a budget)."""
+        assert self._batch is not None
         if self._rc is not None and self._free_rows < 1:
             self._make_room()
-        t0 = time.perf_counter()
-        self._batch.fill([int(token)], len(self._tokens))
+        self._batch.fill([tok], len(self._tokens))
         R.decode(self._ctx, self._batch)
-        self._tokens.append(int(token))
+        self._tokens.append(tok)
         self._free_rows -= 1
         self._stats.decode_tokens += 1
         self._stats.decode_seconds += time.perf_counter() - t0
-        return R.logits_row(self._ctx, -1, self.n_vocab)
 
     def greedy_ids(self, tokens: Sequence[int], n: int, *, ignore_eos: bool = True,
                    step_seconds: list[float] | None = None) -> list[int]:
@@ -654,14 +657,7 @@ class LocalLLM:
                 if C.llama_vocab_is_eog(self._vocab, tok):
                     finish = "stop"
                     break
-                if self._rc is not None and self._free_rows < 1:
-                    self._make_room()
-                self._batch.fill([tok], len(self._tokens))
-                R.decode(self._ctx, self._batch)
-                self._tokens.append(tok)
-                self._free_rows -= 1
-                self._stats.decode_tokens += 1
-                self._stats.decode_seconds += time.perf_counter() - t0
+                self._append_token(tok, t0)
                 text += dec.decode(R.token_piece(self._vocab, tok))
                 hit = min((text.find(s) for s in sp.stop if s in text), default=-1)
                 if hit >= 0:
