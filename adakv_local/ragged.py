@@ -39,6 +39,7 @@ __all__ = [
     "STATUS",
     "RaggedContext",
     "RaggedError",
+    "RaggedSnapshot",
     "RaggedUnavailableError",
     "available",
     "lib",
@@ -93,6 +94,10 @@ int64_t llama_ragged_observe_size (const void * ctx);
 int32_t llama_ragged_observe      (void * ctx, int32_t n_window, float * out, size_t n_out);
 int32_t llama_ragged_compact      (void * ctx, int32_t il, const int32_t * keep_counts,
                                    const int32_t * keep_rows, const int32_t * new_caps);
+void *  llama_ragged_snapshot_take   (void * ctx);
+int32_t llama_ragged_snapshot_restore(void * ctx, const void * snap);
+size_t  llama_ragged_snapshot_bytes  (const void * snap);
+void    llama_ragged_snapshot_free   (void * snap);
 """
 
 FUNCTIONS: tuple[str, ...] = (
@@ -119,6 +124,10 @@ FUNCTIONS: tuple[str, ...] = (
     "llama_ragged_observe_size",
     "llama_ragged_observe",
     "llama_ragged_compact",
+    "llama_ragged_snapshot_take",
+    "llama_ragged_snapshot_restore",
+    "llama_ragged_snapshot_bytes",
+    "llama_ragged_snapshot_free",
 )
 """Every function of the patch's C API bound here."""
 
@@ -516,6 +525,26 @@ class RaggedContext:
         """Set the capacities of layer ``il``'s heads, keeping every row."""
         self.compact(il, None, new_caps)
 
+    # -- snapshots --------------------------------------------------------------------
+
+    def snapshot(self) -> RaggedSnapshot:
+        """A host copy of the whole memory state (live K/V rows, capacities, positions,
+        window queries); :meth:`restore` puts it back any number of times."""
+        self._alive()
+        ptr = self._lib.llama_ragged_snapshot_take(self._ffi.cast("void *", self._ctx))
+        if ptr == self._ffi.NULL:
+            raise RaggedError(
+                f"llama_ragged_snapshot_take failed: {_last_error(self._ffi, self._lib)}", -4)
+        return RaggedSnapshot(self._ffi, self._lib, ptr, self._model)
+
+    def restore(self, snap: RaggedSnapshot) -> None:
+        """Put the memory back in the state of ``snap`` (taken from a context of this model);
+        pools are reallocated with the recorded capacities. A snapshot of another shape
+        raises and changes nothing; a failed allocation raises and leaves the memory cleared."""
+        if not isinstance(snap, RaggedSnapshot):
+            raise TypeError(f"expected a RaggedSnapshot, got {type(snap).__name__}")
+        self._call("llama_ragged_snapshot_restore", snap._handle())
+
     # -- helpers ----------------------------------------------------------------------
 
     def _n_head(self, il: int) -> int:
@@ -553,3 +582,41 @@ class RaggedContext:
             raise RaggedError(
                 f"{fn} failed ({STATUS.get(rc, rc)}): {_last_error(self._ffi, self._lib)}", rc)
         return rc
+
+
+class RaggedSnapshot:
+    """A host copy of a ragged memory's state (owned: :meth:`close` frees it)."""
+
+    def __init__(self, ffi: Any, handle: Any, ptr: Any, model: int) -> None:
+        self._ffi = ffi
+        self._lib = handle
+        self._ptr = ptr
+        self.model = model
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the snapshot."""
+        return int(self._lib.llama_ragged_snapshot_bytes(self._handle()))
+
+    def _handle(self) -> Any:
+        if self._ptr is None:
+            raise RaggedError("the snapshot was closed", -2)
+        return self._ptr
+
+    def close(self) -> None:
+        """Free the host copy (idempotent)."""
+        if self._ptr is not None:
+            self._lib.llama_ragged_snapshot_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> RaggedSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
