@@ -83,6 +83,7 @@ int32_t llama_ragged_positions    (const void * ctx, int32_t il, int32_t h,
                                    int32_t * out, int32_t n_max);
 int32_t llama_ragged_reserve      (void * ctx, int32_t min_free_rows);
 int32_t llama_ragged_kv_bytes     (const void * ctx, size_t * alloc, size_t * used);
+const char * llama_ragged_buffer_type(const void * ctx, int32_t il);
 int32_t llama_ragged_clear        (void * ctx);
 int32_t llama_ragged_seq_rm_tail  (void * ctx, int32_t p0);
 int32_t llama_ragged_read_rows    (void * ctx, int32_t il, int32_t h, float * k_out, float * v_out);
@@ -115,6 +116,7 @@ FUNCTIONS: tuple[str, ...] = (
     "llama_ragged_positions",
     "llama_ragged_reserve",
     "llama_ragged_kv_bytes",
+    "llama_ragged_buffer_type",
     "llama_ragged_clear",
     "llama_ragged_seq_rm_tail",
     "llama_ragged_read_rows",
@@ -407,6 +409,15 @@ class RaggedContext:
         u = self._ffi.new("size_t *")
         self._call("llama_ragged_kv_bytes", a, u)
         return int(a[0]), int(u[0])
+
+    def buffer_type(self, il: int) -> str:
+        """Backend buffer type holding layer ``il``'s K/V pools (``CPU``, ``CUDA0``, ...)."""
+        il = self._layer(il)
+        name = self._lib.llama_ragged_buffer_type(self._ffi.cast("void *", self._ctx), il)
+        if name == self._ffi.NULL:
+            raise RaggedError(f"llama_ragged_buffer_type failed: "
+                              f"{_last_error(self._ffi, self._lib)}")
+        return self._ffi.string(name).decode("utf-8", "replace")
 
     # -- operations -------------------------------------------------------------------
 

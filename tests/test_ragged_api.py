@@ -61,6 +61,9 @@ def test_shape_and_initial_state(smol) -> None:
         # 30 layers x 3 heads x 100 rows x (64 K + 64 V) x 2 bytes
         assert alloc == expected_alloc(rc) == 30 * 3 * 100 * 256
         assert used == 0
+        assert {rc.buffer_type(il) for il in range(rc.n_layer)} == {"CPU"}
+        with pytest.raises(IndexError):
+            rc.buffer_type(30)
 
 
 def test_lengths_positions_bytes_after_decode(smol) -> None:
