@@ -211,6 +211,48 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _lengths(text: str) -> list[int]:
+    """Comma-separated token counts, ``k`` meaning 1024 (``1k,2k,4096``)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated lengths like 1k,2k,4096, got {text!r}") from None
+    return out
+
+
+def _names(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    """Quality of every policy and budget on offline long-context tasks."""
+    from .evaluate import EvalSpec, plot, run_eval, save, table
+
+    modes = ["question-aware", "question-agnostic"] if ns.mode == "both" else [ns.mode]
+    spec = EvalSpec(model=ns.model, tasks=tuple(ns.tasks), lengths=tuple(ns.lengths),
+                    budgets=tuple(ns.budgets), policies=tuple(ns.policies),
+                    modes=tuple(modes), samples=ns.samples, seed=ns.seed,
+                    teacher_tokens=ns.teacher_tokens, threads=ns.threads, source=ns.source)
+    report = run_eval(spec, progress=not ns.quiet, verbose=ns.verbose)
+    print(table(report))
+    n_prompts = spec.samples * len(spec.tasks) * len(spec.lengths)
+    print(f"{len(report['records'])} evaluations of {n_prompts} prompts in "
+          f"{report['seconds']:.0f} s", file=sys.stderr)
+    if ns.json:
+        save(report, ns.json)
+        print(f"wrote {ns.json}", file=sys.stderr)
+    if ns.plot:
+        plot(report, ns.plot)
+        print(f"wrote {ns.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     ap = argparse.ArgumentParser(
@@ -218,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Local GGUF inference with Ada-KV head-wise adaptive KV-cache eviction.",
         epilog="Examples:\n  adakv-local demo\n  adakv-local chat -p 'Hello' --kv-budget 256\n"
                "  adakv-local compare --contexts 1024,4096 --budgets 256 --plot cmp.png\n"
+               "  adakv-local eval --tasks niah-single --lengths 1k,2k --samples 5\n"
                "  adakv-local models fetch smollm2-135m",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -257,6 +300,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
+
+    from .eval_tasks import TASKS
+    from .evaluate import POLICIES
+
+    p = sub.add_parser("eval", help="quality of Ada-KV vs uniform budgets and baselines on "
+                                    "offline long-context tasks")
+    p.add_argument("--model", "-m", default=None,
+                   help=f"GGUF path or registry name (default: {DEFAULT_MODEL})")
+    p.add_argument("--tasks", type=_names, default=list(TASKS),
+                   help=f"comma-separated tasks (default: all of {','.join(TASKS)})")
+    p.add_argument("--lengths", type=_lengths, default=[1024, 2048, 4096],
+                   help="prompt lengths in tokens, k = 1024 (default 1k,2k,4k)")
+    p.add_argument("--budgets", type=_ints, default=[64, 128, 256, 512, 1024],
+                   help="KV budgets, rows per head (default 64,128,256,512,1024)")
+    p.add_argument("--policies", type=_names, default=list(POLICIES),
+                   help=f"comma-separated policies (default: {','.join(POLICIES)})")
+    p.add_argument("--mode", choices=["question-aware", "question-agnostic", "both"],
+                   default="question-aware",
+                   help="compress after the question (aware, default), before it (agnostic: "
+                        "the multi-turn case), or both from the same prefill")
+    p.add_argument("--samples", type=int, default=20, help="prompts per task and length (20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-tokens", type=int, default=64,
+                   help="teacher-forced tokens for KL / top-1 agreement (64)")
+    p.add_argument("--source", choices=["auto", "essays", "filler"], default="auto",
+                   help="haystack text (auto: the essays when installed)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--json", default=None, help="write the report (cells and records) here")
+    p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="llama.cpp's log")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("models", help="list or fetch registry models")
     p.add_argument("action", choices=["list", "fetch"])

@@ -79,17 +79,21 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         kwargs.update(kv_budget=spec.budget, policy=spec.policy, prefill=spec.prefill,
                       chunk=spec.chunk)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = bool(spec.n_gpu_layers)
+    vram = [_peak_vram() if gpu else None]  # device-wide: before loading, then sampled
     with LocalLLM(spec.model, **kwargs) as llm:
         toks, key = build_prompt(llm, spec.context, spec.seed)
         t0 = time.perf_counter()
         llm.prefill_tokens(toks)
         prefill_s = time.perf_counter() - t0
         st_prefill = llm.kv_stats()
+        vram.append(_peak_vram() if gpu else None)
         steps: list[float] = []
         # continue the same cache: greedy_ids reuses every prompt token
         gen = llm.greedy_ids(toks, spec.decode_steps, ignore_eos=True, step_seconds=steps)
         answer = llm.detokenize(gen[:16])
         st = llm.kv_stats()
+        vram.append(_peak_vram() if gpu else None)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "label": spec.label,
@@ -105,12 +109,27 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "vanilla_kv_bytes_for_tokens": st["vanilla_bytes_for_tokens"],
         "peak_rss_bytes": rss,
         "rss_before_model_bytes": rss0,
-        "peak_vram_bytes": _peak_vram() if spec.n_gpu_layers else None,
+        # the most the device held while the model was loaded, less what it held before
+        "peak_vram_bytes": (max(v for v in vram[1:] if v is not None) - (vram[0] or 0)
+                            if gpu and any(v is not None for v in vram[1:]) else None),
         "tokens": gen,
         "answer": answer,
         "passkey": key,
         "passkey_correct": key in answer,
         "compressions": st.get("compressions", 0),
+        # where the time goes: Ada-KV's own work during prefill, and in all
+        "profile": {
+            "prefill_compute_seconds": prefill_s - sum(
+                st_prefill.get(k, 0.0) for k in ("observe_seconds", "select_seconds",
+                                                  "compact_seconds")),
+            **{f"prefill_{k}": st_prefill.get(k, 0.0)
+               for k in ("observe_seconds", "select_seconds", "compact_seconds")},
+            "decode_seconds_total": sum(steps),
+            **{f"total_{k}": st.get(k, 0.0)
+               for k in ("observe_seconds", "select_seconds", "compact_seconds")},
+            "compressions_during_decode": (st.get("compressions", 0)
+                                           - st_prefill.get("compressions", 0)),
+        },
     }
 
 

@@ -31,6 +31,29 @@ _POOL_ALIGN = 256
 Message = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """A saved Ada-KV cache state (:meth:`LocalLLM.snapshot`); ``close()`` frees it."""
+
+    ragged: Any  # adakv_local.ragged.RaggedSnapshot
+    tokens: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held."""
+        return int(self.ragged.nbytes)
+
+    def close(self) -> None:
+        """Free the host copy (idempotent)."""
+        self.ragged.close()
+
+    def __enter__(self) -> CacheSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @dataclass
 class _Sampling:
     max_tokens: int
@@ -464,6 +487,15 @@ class LocalLLM:
                 "headroom": self.headroom,
                 "prefill_mode": self.prefill_mode,
             }
+            # where the pools live: bytes per backend buffer type (CPU, CUDA0, ...)
+            per_layer_row = (self.head_dim_k + self.head_dim_v) * 2
+            by_buffer: dict[str, int] = {}
+            for il, cs in enumerate(caps):
+                name = self._rc.buffer_type(il)
+                by_buffer[name] = by_buffer.get(name, 0) + sum(cs) * per_layer_row
+            extra["bytes_by_buffer_type"] = by_buffer
+            extra["bytes_on_device"] = sum(b for n, b in by_buffer.items()
+                                           if not n.upper().startswith("CPU"))
             rows_kept: float = n_rows / max(1, self.n_layer * self.n_head_kv)
         else:
             alloc, used = vanilla_alloc, n * row
@@ -486,6 +518,10 @@ class LocalLLM:
             "cache_resets": st.resets,
             **extra,
         }
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (EOS, end of turn)."""
+        return bool(C.llama_vocab_is_eog(self._vocab, int(token)))
 
     def kv_row_bytes(self) -> int:
         """Bytes of K and V for one token across all layers and KV heads (f16 cache)."""
@@ -596,6 +632,10 @@ class LocalLLM:
         pos = start
         chunked = self._rc is not None and self.prefill_mode == "chunked"
         since = 0  # tokens prefilled since the last compression (chunked mode)
+        if self._rc is not None and not chunked and self._free_rows < todo:
+            # full mode: grow once for the whole text (growing batch by batch would copy
+            # every live row and briefly hold old and new pools at each step)
+            self._reserve(todo)
         try:
             while pos < len(tokens):
                 n = min(self.n_batch, len(tokens) - pos)
@@ -709,14 +749,20 @@ class LocalLLM:
         if self._free_rows < 1:
             self._reserve(self.headroom)
 
-    def _compress(self) -> None:
+    def _compress(self, cfg: Any = None, scores: Any = None, n_obs: int | None = None
+                  ) -> list[Any]:
         """Observe the window, select rows per head with the policy, compact every layer.
 
-        Afterwards every head has at least ``headroom`` free rows.
+        ``cfg`` overrides the policy (a :class:`~adakv_local.policy.PolicyConfig`);
+        ``scores``/``n_obs`` give an observation made earlier on the current rows (the flat
+        :meth:`~adakv_local.ragged.RaggedContext.observe_flat` buffer), so it is not redone.
+        Afterwards every head has at least ``headroom`` free rows. Returns the per-layer
+        selections ([] when nothing could be evicted).
         """
         from .policy import select_flat
 
-        rc, cfg = self._rc, self.policy_config
+        rc = self._rc
+        cfg = cfg if cfg is not None else self.policy_config
         assert rc is not None and cfg is not None
         lens = rc.all_lengths()
         budget_rows = self.n_head_kv * cfg.budget
@@ -726,22 +772,27 @@ class LocalLLM:
             if self._min_free_rows() < self.headroom:
                 self._reserve(self.headroom)
             self._free_rows = self._min_free_rows()
-            return
-        n_obs = max(1, min(cfg.window, rc.window_available()))
+            return []
         group = self.n_head // self.n_head_kv
         t0 = time.perf_counter()
-        scores: list[Any] = [None] * self.n_layer
+        per_layer: list[Any] = [None] * self.n_layer
         if cfg.uses_scores:
+            if scores is None:
+                n_obs = max(1, min(cfg.window, rc.window_available()))
+                scores = rc.observe_flat(n_obs)
+            elif n_obs is None or scores.size != group * sum(int(x.sum()) for x in lens):
+                raise ValueError("scores: an observation of the current rows (observe_flat) "
+                                 "with its n_obs is required")
             # one graph for all layers; the flat buffer is layer by layer, each layer's
             # query heads one after the other, each a block of its KV head's length
-            flat = rc.observe_flat(n_obs)
             off = 0
             for il in range(self.n_layer):
                 size = group * int(lens[il].sum())
-                scores[il] = flat[off:off + size]
+                per_layer[il] = scores[off:off + size]
                 off += size
+        n_obs = n_obs or max(1, min(cfg.window, rc.window_available()))
         t1 = time.perf_counter()
-        sels = [select_flat(cfg, il, scores[il], lens[il], group, n_obs=n_obs)
+        sels = [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)
                 for il in range(self.n_layer)]
         t2 = time.perf_counter()
         evicted = 0
@@ -761,6 +812,109 @@ class LocalLLM:
         a.select_s += t2 - t1
         a.compact_s += t3 - t2
         self._free_rows = self._min_free_rows()
+        return sels
+
+    # ------------------------------------------------------------------ engine API (Ada-KV)
+    @property
+    def ragged(self) -> Any:
+        """The :class:`~adakv_local.ragged.RaggedContext` of an Ada-KV instance (None when
+        vanilla): per-head lengths, observation, snapshots."""
+        return self._rc
+
+    def _need_ragged(self, what: str) -> Any:
+        self._check_open()
+        if self._rc is None:
+            raise AdaKVError(f"{what} needs an Ada-KV instance: create LocalLLM(..., "
+                             "kv_budget=N)")
+        return self._rc
+
+    def snapshot(self) -> CacheSnapshot:
+        """A host copy of the KV cache and the tokens it holds; :meth:`restore` goes back to
+        it any number of times (evaluate several policies on one prefill, fork a chat).
+        Close it (or use ``with``) to free its memory."""
+        rc = self._need_ragged("snapshot()")
+        return CacheSnapshot(rc.snapshot(), tuple(self._tokens))
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Put the cache back in the state of ``snap`` (taken from this instance)."""
+        rc = self._need_ragged("restore()")
+        if not isinstance(snap, CacheSnapshot):
+            raise TypeError(f"expected a CacheSnapshot, got {type(snap).__name__}")
+        if snap.ragged.model != rc.model_ptr.value:
+            raise AdaKVError("this snapshot was taken from another LocalLLM; restore it there")
+        rc.restore(snap.ragged)
+        self._tokens = list(snap.tokens)
+        self._free_rows = self._min_free_rows()
+
+    def compress(self, policy: str | None = None, kv_budget: int | None = None, *,
+                 scores: Any = None, n_obs: int | None = None, **options: Any) -> list[Any]:
+        """Compress the cache now with this instance's policy, or with ``policy`` /
+        ``kv_budget`` / policy ``options`` (window, floor_alpha, pooling, kernel) for this
+        call only. ``scores``/``n_obs``: an earlier ``ragged.observe_flat(n_obs)`` of the
+        current rows. Returns the per-layer selections ([] when nothing was evicted)."""
+        self._need_ragged("compress()")
+        from .policy import PolicyConfig
+
+        cur = self.policy_config
+        cfg = cur
+        if policy is not None or kv_budget is not None or options:
+            unknown = set(options) - {"window", "floor_alpha", "pooling", "kernel"}
+            if unknown:
+                raise TypeError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
+            kw = {"window": cur.window, "floor_alpha": cur.floor_alpha,
+                  "pooling": cur.pooling, "kernel": cur.kernel, **options}
+            cfg = PolicyConfig(policy=policy or cur.policy, budget=kv_budget or cur.budget,
+                               n_layers=self.n_layer, **kw)
+            if cfg.window > self._rc.n_window:
+                raise ValueError(f"window {cfg.window} exceeds the {self._rc.n_window} "
+                                 "queries this instance keeps")
+        return self._compress(cfg, scores, n_obs)
+
+    def append_tokens(self, tokens: Sequence[int], *, all_logits: bool = False) -> Any:
+        """Decode ``tokens`` after the cached ones without compressing (the cache grows as
+        needed); returns the logits of every token (``[n, n_vocab]``) or of the last
+        (``[n_vocab]``)."""
+        import numpy as np
+
+        self._check_open()
+        assert self._batch is not None
+        toks = [int(t) for t in tokens]
+        if not toks:
+            raise ValueError("tokens must not be empty")
+        if len(self._tokens) + len(toks) > self.n_ctx:
+            raise ContextOverflowError(
+                f"{len(self._tokens)} cached + {len(toks)} new tokens exceed n_ctx="
+                f"{self.n_ctx}")
+        out = []
+        for i in range(0, len(toks), self.n_batch):
+            part = toks[i:i + self.n_batch]
+            if self._rc is not None and self._free_rows < len(part):
+                self._reserve(len(part))
+            self._batch.fill(part, len(self._tokens), logits_all=all_logits)
+            R.decode(self._ctx, self._batch)
+            self._tokens.extend(part)
+            self._free_rows -= len(part)
+            if all_logits:
+                ptr = C.llama_get_logits(self._ctx)
+                out.append(np.ctypeslib.as_array(ptr, shape=(len(part), self.n_vocab)).copy())
+        if all_logits:
+            return np.concatenate(out)
+        return R.logits_row(self._ctx, -1, self.n_vocab)
+
+    def rewind(self, n_tokens: int) -> None:
+        """Drop the cached tokens after the first ``n_tokens`` (their rows in every head);
+        earlier eviction decisions stand."""
+        self._check_open()
+        if not isinstance(n_tokens, int) or not 0 <= n_tokens <= len(self._tokens):
+            raise ValueError(f"n_tokens must be in [0, {len(self._tokens)}], got {n_tokens!r}")
+        if n_tokens == len(self._tokens):
+            return
+        if self._rc is not None:
+            self._rc.seq_rm_tail(n_tokens) if n_tokens > 0 else self._rc.clear()
+            self._free_rows = self._min_free_rows()
+        elif not C.llama_memory_seq_rm(self._mem, 0, n_tokens, -1):  # pragma: no cover
+            raise AdaKVError("llama.cpp refused to remove the tail of the cache")
+        del self._tokens[n_tokens:]
 
     def _usage(self) -> dict[str, int]:
         p, c = self._last_prompt_tokens, self._last_completion_tokens

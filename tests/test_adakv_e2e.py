@@ -154,6 +154,9 @@ def test_kv_stats_and_stream(default_model: Path) -> None:
         assert key in st
     assert st["policy"] == "ada-snapkv"
     assert len(st["rows_per_head"]) == 30 and len(st["rows_per_head"][0]) == 3
+    # a CPU build keeps every pool in host memory
+    assert st["bytes_by_buffer_type"] == {"CPU": st["bytes_allocated"]}
+    assert st["bytes_on_device"] == 0
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -1,0 +1,60 @@
+"""The README's quality table: ``adakv-local eval`` on the default model.
+
+Runs one task at a time and rewrites benchmarks/results/eval_<tag>.json, .md and .png after
+each, so a long run leaves usable results as it goes. Defaults: the README's grid (see
+``--help``); ``--quick`` is a smoke run of a few minutes.
+
+    .venv/bin/python benchmarks/run_eval.py [--quick] [--threads 2] [--tag cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from adakv_local.evaluate import EvalSpec, merge, plot, run_eval, save, table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1K only, 3 samples")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--tasks", default="niah-single,niah-multikey")
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--budgets", default="128,256,512")
+    ap.add_argument("--policies", default="full,streaming,snapkv,ada-snapkv")
+    ap.add_argument("--modes", default="question-aware,question-agnostic")
+    ap.add_argument("--samples", type=int, default=20)
+    ns = ap.parse_args()
+    lengths = (1024,) if ns.quick else _ints(ns.lengths)
+    samples = 3 if ns.quick else ns.samples
+    RESULTS.mkdir(exist_ok=True)
+    reports = []
+    for task in ns.tasks.split(","):
+        spec = EvalSpec(tasks=(task,), lengths=lengths, budgets=_ints(ns.budgets),
+                        policies=tuple(ns.policies.split(",")),
+                        modes=tuple(ns.modes.split(",")), samples=samples,
+                        threads=ns.threads)
+        reports.append(run_eval(spec, progress=sys.stderr.isatty(),
+                                log=lambda m: print(m, file=sys.stderr, flush=True)))
+        report = merge(reports)
+        base = RESULTS / f"eval_{ns.tag}"
+        save(report, base.with_suffix(".json"))
+        base.with_suffix(".md").write_text(table(report) + "\n")
+        plot(report, base.with_suffix(".png"))
+        print(f"{task} done ({report['seconds']:.0f} s so far); wrote {base}.json/.md/.png",
+              file=sys.stderr, flush=True)
+    print(table(merge(reports)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
