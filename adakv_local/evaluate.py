@@ -11,7 +11,8 @@ compressed with that policy from the saved observation, and scored:
   of ``teacher_tokens`` (64) tokens is teacher-forced through the compressed cache in one
   batch; per step the KL divergence KL(full || compressed) of the next-token distributions and
   whether their top-1 tokens agree, averaged over the steps;
-- **attention-output L1** per layer, for the observation window's mean attention (the
+- **attention-output L1** per layer (``l1_layers``; ``l1`` is their mean), for the
+  observation window's mean attention (the
   distribution the policies score): ``sum_j |o_j - o'_j|_1`` over the query heads, where
   ``o_j`` is the head's output over all rows and ``o'_j`` over the kept rows (renormalised),
   before the output projection; with the **bound term** of Ada-KV's Theorem 1 for it:
@@ -298,8 +299,10 @@ class Evaluator:
                 "prompt_tokens": len(p.ctx) + len(p.question)}
         if policy == "full":  # nothing is evicted: the reference itself
             rows = float(np.mean([x.mean() for x in ref.lens]))
+            zeros = [0.0] * len(ref.lens)
             return {**base, "score": ref.score, "kl": 0.0, "top1": 1.0, "l1": 0.0,
-                    "bound": 0.0, "rows_per_head": rows, "answer": ref.answer}
+                    "bound": 0.0, "l1_layers": zeros, "bound_layers": zeros,
+                    "rows_per_head": rows, "answer": ref.answer}
         llm.restore(ref.snap)
         sels = llm.compress(policy, budget, scores=ref.scores, n_obs=ref.n_obs)
         l1, bound = attention_l1(ref.scores, ref.n_obs, ref.lens, ref.vrows, sels, self.group)
@@ -328,8 +331,9 @@ class Evaluator:
                 tok = int(llm.append_tokens([tok]).argmax())
             answer = llm.detokenize(toks[:self._answer_len(toks, limit)])
         return {**base, "score": p.sample.score(answer), "kl": kl, "top1": top1,
-                "l1": float(l1.mean()), "bound": float(bound.mean()), "rows_per_head": rows,
-                "answer": answer}
+                "l1": float(l1.mean()), "bound": float(bound.mean()),
+                "l1_layers": [float(x) for x in l1], "bound_layers": [float(x) for x in bound],
+                "rows_per_head": rows, "answer": answer}
 
 
 # ------------------------------------------------------------------ driver and reports
@@ -354,6 +358,9 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for m, name in (("score", "accuracy"), ("kl", "kl"), ("top1", "top1"), ("l1", "l1"),
                         ("bound", "bound"), ("rows_per_head", "rows_per_head")):
             cell[name] = float(np.mean([r[m] for r in rs]))
+        for m in ("l1_layers", "bound_layers"):  # per layer, mean over the samples
+            if all(m in r for r in rs):
+                cell[m] = np.mean([r[m] for r in rs], axis=0).tolist()
         cells.append(cell)
     return cells
 

@@ -195,6 +195,10 @@ def test_report_is_complete_and_sane(ci_report: dict, tmp_path: Path) -> None:
     for r in ci_report["records"]:
         assert 0.0 <= r["score"] <= 1.0 and 0.0 <= r["top1"] <= 1.0 and r["kl"] >= 0.0
         assert 0.0 <= r["l1"] <= r["bound"] + 1e-6
+        assert len(r["l1_layers"]) == len(r["bound_layers"]) == 30
+        assert all(0.0 <= a <= b + 1e-6 for a, b in zip(r["l1_layers"], r["bound_layers"],
+                                                          strict=True))
+        assert r["l1"] == pytest.approx(float(np.mean(r["l1_layers"])))
         assert 900 <= r["prompt_tokens"] <= 1150
         if r["policy"] == "full":
             assert (r["kl"], r["top1"], r["l1"]) == (0.0, 1.0, 0.0)
@@ -207,6 +211,7 @@ def test_report_is_complete_and_sane(ci_report: dict, tmp_path: Path) -> None:
     full = [c for c in ci_report["cells"] if c["policy"] == "full" and
             c["task"] == "niah-single"]
     assert all(c["accuracy"] >= 2 / 3 for c in full)
+    assert all(len(c["l1_layers"]) == 30 for c in ci_report["cells"])
     md = table(ci_report)
     assert "| niah-single |" in md and "averaged over tasks and lengths" in md
     assert sum(compare_policies(ci_report, metric="top1").values()) == n_cells // len(
