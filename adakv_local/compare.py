@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -193,22 +193,35 @@ def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
             bar.update(1)
     if bar is not None:
         bar.close()
-    vanilla = {r["spec"]["context"]: r for r in runs if r["spec"]["budget"] is None}
+    annotate(runs)
+    return {"machine": machine_info(), "threads": threads, "created": time.time(),
+            "runs": runs}
+
+
+RATIOS: tuple[tuple[str, str], ...] = (
+    ("decode_ratio_vs_vanilla", "decode_ms_per_token"),
+    ("prefill_ratio_vs_vanilla", "prefill_tok_per_s"),
+    ("kv_bytes_ratio_vs_vanilla", "kv_bytes_allocated"),
+    ("peak_rss_ratio_vs_vanilla", "peak_rss_bytes"),
+)
+"""(ratio field, measured field) pairs that :func:`annotate` adds."""
+
+
+def annotate(runs: list[dict[str, Any]], *,
+             key: Callable[[dict[str, Any]], Any] = lambda r: r["spec"]["context"],
+             ratios: Sequence[tuple[str, str]] = RATIOS) -> None:
+    """Add greedy agreement and ratios vs the vanilla run with the same ``key`` (context)."""
+    vanilla = {key(r): r for r in runs if r["spec"]["budget"] is None and "error" not in r}
     for r in runs:
-        v = vanilla.get(r["spec"]["context"])
-        if "error" in r or v is None or "error" in v:
+        v = vanilla.get(key(r))
+        if "error" in r or v is None:
             continue
         frac, prefix = agreement(r["tokens"], v["tokens"])
         r["greedy_agreement"] = frac
         r["greedy_identical_prefix"] = prefix
-        for k_ratio, k in (("decode_ratio_vs_vanilla", "decode_ms_per_token"),
-                           ("prefill_ratio_vs_vanilla", "prefill_tok_per_s"),
-                           ("kv_bytes_ratio_vs_vanilla", "kv_bytes_allocated"),
-                           ("peak_rss_ratio_vs_vanilla", "peak_rss_bytes")):
+        for k_ratio, k in ratios:
             if r.get(k) and v.get(k):
                 r[k_ratio] = r[k] / v[k]
-    return {"machine": machine_info(), "threads": threads, "created": time.time(),
-            "runs": runs}
 
 
 def table(report: dict[str, Any]) -> str:

@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import adakv_local
-from adakv_local.compare import RunSpec, agreement, machine_info, run_one
+from adakv_local import compare
+from adakv_local.compare import RunSpec, machine_info, run_one
 
 SMOLLM2_SHAPE: dict[str, Any] = dict(
     arch="llama", n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152,
@@ -251,21 +252,9 @@ def estimate_seconds(history: dict[tuple[str, str], list[tuple[int, float]]], mo
 
 def annotate(runs: list[dict[str, Any]]) -> None:
     """Add greedy agreement and ratios vs the vanilla run of the same model and context."""
-    vanilla = {(r.get("model_name"), r["spec"]["context"]): r for r in runs
-               if r["spec"]["budget"] is None and "error" not in r}
-    for r in runs:
-        v = vanilla.get((r.get("model_name"), r["spec"]["context"]))
-        if "error" in r or v is None or r is v:
-            continue
-        frac, prefix = agreement(r["tokens"], v["tokens"])
-        r["greedy_agreement"] = frac
-        r["greedy_identical_prefix"] = prefix
-        for k_ratio, k in (("decode_ratio_vs_vanilla", "decode_ms_per_token"),
-                           ("prefill_ratio_vs_vanilla", "prefill_tok_per_s"),
-                           ("kv_bytes_ratio_vs_vanilla", "kv_bytes_allocated"),
-                           ("vram_peak_delta_ratio_vs_vanilla", "vram_peak_delta_bytes")):
-            if r.get(k) and v.get(k):
-                r[k_ratio] = r[k] / v[k]
+    compare.annotate(runs, key=lambda r: (r.get("model_name"), r["spec"]["context"]),
+                     ratios=(*compare.RATIOS[:3], ("vram_peak_delta_ratio_vs_vanilla",
+                                                   "vram_peak_delta_bytes")))
 
 
 def _mib(x: float | None) -> str:
