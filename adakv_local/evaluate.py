@@ -40,7 +40,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,6 @@ class _Reference:
     answer_len: int  # tokens of the answer span (to the first stop) within `tokens`
     answer: str
     score: float
-    outputs: list[np.ndarray] = field(default_factory=list)  # [layer] window outputs
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -237,14 +236,13 @@ class Evaluator:
                  for il in range(rc.n_layer)]
         return rc.observe_flat(n_obs), n_obs, lens, vrows
 
-    def _greedy(self, first: np.ndarray, n: int, *, collect: bool
-                ) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy-decode ``n`` tokens from logits ``first`` (stop tokens do not stop)."""
+    def _greedy(self, first: np.ndarray, n: int) -> tuple[list[int], list[np.ndarray]]:
+        """Greedy-decode ``n`` tokens from logits ``first`` (stop tokens do not stop);
+        returns the tokens and the logits that chose each."""
         toks, rows = [], []
         cur = first
         for i in range(n):
-            if collect:
-                rows.append(cur)
+            rows.append(cur)
             tok = int(cur.argmax())
             toks.append(tok)
             if i + 1 < n:
@@ -277,7 +275,7 @@ class Evaluator:
         first = llm.append_tokens(p.question)
         if "question-aware" in modes:
             at["question-aware"] = (llm.snapshot(), self._observe())
-        toks, rows = self._greedy(first, self.spec.teacher_tokens + 1, collect=True)
+        toks, rows = self._greedy(first, self.spec.teacher_tokens + 1)
         n_ans = self._answer_len(toks, self._limit(p))
         answer = llm.detokenize(toks[:n_ans])
         logp = _log_softmax(np.stack(rows))

@@ -641,13 +641,7 @@ class LocalLLM:
                 n = min(self.n_batch, len(tokens) - pos)
                 if chunked:
                     n = min(n, self.chunk - since)
-                batch = tokens[pos:pos + n]
-                if self._rc is not None and self._free_rows < n:
-                    self._reserve(n)
-                self._batch.fill(batch, pos, logits_last=pos + n == len(tokens))
-                R.decode(self._ctx, self._batch)
-                self._tokens.extend(batch)
-                self._free_rows -= n
+                self._feed(tokens[pos:pos + n], logits_last=pos + n == len(tokens))
                 pos += n
                 since += n
                 if chunked and since >= self.chunk and pos < len(tokens):
@@ -662,6 +656,19 @@ class LocalLLM:
         self._stats.prefill_seconds += time.perf_counter() - t0
         if self._rc is not None:
             self._compress()
+
+    def _feed(self, part: list[int], *, logits_last: bool = True,
+              logits_all: bool = False) -> None:
+        """Decode one batch (<= n_batch tokens) after the cached tokens, growing the ragged
+        cache first when it has no room (never compresses)."""
+        assert self._batch is not None
+        if self._rc is not None and self._free_rows < len(part):
+            self._reserve(len(part))
+        self._batch.fill(part, len(self._tokens), logits_last=logits_last,
+                         logits_all=logits_all)
+        R.decode(self._ctx, self._batch)
+        self._tokens.extend(part)
+        self._free_rows -= len(part)
 
     def _generate(self, tokens: list[int], sp: _Sampling) -> Iterator[tuple[str, str | None]]:
         """Prefill ``tokens`` then yield (text delta, finish_reason or None)."""
@@ -888,12 +895,7 @@ class LocalLLM:
         out = []
         for i in range(0, len(toks), self.n_batch):
             part = toks[i:i + self.n_batch]
-            if self._rc is not None and self._free_rows < len(part):
-                self._reserve(len(part))
-            self._batch.fill(part, len(self._tokens), logits_all=all_logits)
-            R.decode(self._ctx, self._batch)
-            self._tokens.extend(part)
-            self._free_rows -= len(part)
+            self._feed(part, logits_all=all_logits)
             if all_logits:
                 ptr = C.llama_get_logits(self._ctx)
                 out.append(np.ctypeslib.as_array(ptr, shape=(len(part), self.n_vocab)).copy())
