@@ -22,7 +22,8 @@ Give the scores of a layer as
 Steps (following the official Ada-KV code, see ``native/adakv.h``): scores / n_obs
 (the window mean; a common positive factor, so no ranking changes), GQA aggregation
 (mean or max over the group), pooling over the scored rows (max or avg, odd kernel,
-same padding), then an allocator decides how many scored rows each head keeps
+same padding; or, with ``pool_align="causal"``, each row pools itself and the
+``kernel - 1`` rows before it), then an allocator decides how many scored rows each head keeps
 (uniform ``B' = budget - window``, Ada-KV's layer-wide top-k with the ``floor_alpha``
 safeguard, or the PyramidKV per-layer schedule), and each head keeps its top rows
 (ties: lower row) plus its window.
@@ -51,6 +52,7 @@ __all__ = [
     "GQA_MODES",
     "POLICIES",
     "POOLINGS",
+    "POOL_ALIGNS",
     "KeptMass",
     "PolicyConfig",
     "Selection",
@@ -75,6 +77,11 @@ POLICIES: dict[str, int] = {
 
 POOLINGS: dict[str, int] = {"max": lib.ADAKV_POOL_MAX, "avg": lib.ADAKV_POOL_AVG}
 """Pooling names (along rows, odd kernel, stride 1, same padding)."""
+
+POOL_ALIGNS: dict[str, int] = {"center": lib.ADAKV_ALIGN_CENTER, "causal": lib.ADAKV_ALIGN_CAUSAL}
+"""Where a row's pooling window lies: ``center`` (rows ``r-k//2 .. r+k//2``, the official
+SnapKV / Ada-KV pooling) or ``causal`` (rows ``r-k+1 .. r``: the ``k-1`` rows after a
+high score inherit it, so the continuation of an attended span is kept)."""
 
 GQA_MODES: dict[str, int] = {"mean": lib.ADAKV_GQA_MEAN, "max": lib.ADAKV_GQA_MAX}
 """How the query heads of one GQA group are aggregated into one score per KV-head row."""
@@ -146,6 +153,8 @@ class PolicyConfig:
         n_layers: number of layers; required by the pyramid policies.
         beta: PyramidKV steepness (``min = B' // beta``).
         n_sinks: StreamingLLM attention sinks.
+        pool_align: ``center`` (official) or ``causal`` pooling window, see
+            :data:`POOL_ALIGNS`.
     """
 
     policy: str = "ada-snapkv"
@@ -158,6 +167,7 @@ class PolicyConfig:
     n_layers: int | None = None
     beta: int = 20
     n_sinks: int = 4
+    pool_align: str = "center"
     _c: Any = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -184,6 +194,9 @@ class PolicyConfig:
         if not isinstance(self.gqa, str) or self.gqa not in GQA_MODES:
             raise ValueError(f"gqa: unknown GQA aggregation {self.gqa!r}; expected one of "
                              f"{sorted(GQA_MODES)}")
+        if not isinstance(self.pool_align, str) or self.pool_align not in POOL_ALIGNS:
+            raise ValueError(f"pool_align: unknown alignment {self.pool_align!r}; expected "
+                             f"one of {sorted(POOL_ALIGNS)}")
         n_layers = None if self.n_layers is None else _int("n_layers", self.n_layers, 1)
         if self.policy in _PYRAMID and n_layers is None:
             raise ValueError(f"n_layers: required by policy {self.policy!r}")
@@ -194,6 +207,7 @@ class PolicyConfig:
         c.budget, c.window, c.floor_alpha = budget, window, alpha
         c.pooling, c.kernel, c.gqa = POOLINGS[self.pooling], kernel, GQA_MODES[self.gqa]
         c.n_layers, c.beta, c.n_sinks = n_layers or 0, beta, n_sinks
+        c.align = POOL_ALIGNS[self.pool_align]
         _check(lib.adakv_check_config(c))
         object.__setattr__(self, "_c", c)
 

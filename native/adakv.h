@@ -51,6 +51,11 @@ enum {
 /* Pooling along rows (odd kernel, stride 1, same padding; avg counts the padding). */
 enum { ADAKV_POOL_MAX = 0, ADAKV_POOL_AVG = 1 };
 
+/* Where a row's pooling window lies. CENTER (official SnapKV/Ada-KV): rows r-k/2..r+k/2.
+ * CAUSAL: rows r-k+1..r, so the k-1 rows after a high score inherit it and the
+ * continuation of an attended span is kept (padding before row 0 as for CENTER). */
+enum { ADAKV_ALIGN_CENTER = 0, ADAKV_ALIGN_CAUSAL = 1 };
+
 /* Aggregation of the query heads of one GQA group into one score per KV-head row. */
 enum { ADAKV_GQA_MEAN = 0, ADAKV_GQA_MAX = 1 };
 
@@ -74,7 +79,8 @@ enum {
     ADAKV_ERR_N_OBS = 15,      /* n_obs < 1                                         */
     ADAKV_ERR_LENS = 16,       /* a negative length, or a total too large           */
     ADAKV_ERR_SCORES = 17,     /* a NaN or infinite score (input or aggregated)     */
-    ADAKV_ERR_WORKSPACE = 18   /* workspace smaller than adakv_workspace_size()     */
+    ADAKV_ERR_WORKSPACE = 18,  /* workspace smaller than adakv_workspace_size()     */
+    ADAKV_ERR_ALIGN = 19       /* unknown pooling alignment                         */
 };
 
 /* Policy configuration, shared by every layer of a model. */
@@ -89,6 +95,7 @@ typedef struct adakv_config {
     int32_t n_layers;    /* number of layers (pyramid policies only)               */
     int32_t beta;        /* PyramidKV steepness (default 20)                       */
     int32_t n_sinks;     /* StreamingLLM sink rows (default 4)                     */
+    int32_t align;       /* ADAKV_ALIGN_* pooling window (0 = center, official)    */
 } adakv_config;
 
 /* Library version, (major << 16) | (minor << 8) | patch. */
@@ -126,7 +133,8 @@ int32_t adakv_layer_budget(const adakv_config *cfg, int32_t layer, int32_t n_hea
  * n_q_per_kv; or max), then pooling along the head's scored rows only (the window
  * is never pooled). float32 throughout, in the official order of operations: the
  * values are bit-identical to the PyTorch ops (F.max_pool1d / F.avg_pool1d with
- * padding kernel/2, stride 1). Writes adakv_n_scored() floats to `pooled` (which
+ * padding kernel/2, stride 1; with ADAKV_ALIGN_CAUSAL, the same ops on the rows padded
+ * with kernel-1 rows in front and none behind). Writes adakv_n_scored() floats to `pooled` (which
  * must not overlap the workspace). Fails with ADAKV_ERR_SCORES if any input score
  * (window rows included) or pooled value is NaN or infinite. */
 int32_t adakv_score(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,

@@ -26,6 +26,7 @@ const char *adakv_strerror(int32_t status) {
     case ADAKV_ERR_LENS: return "lens: lengths must be >= 0 and sum to less than 2^31";
     case ADAKV_ERR_SCORES: return "scores: NaN or infinite value";
     case ADAKV_ERR_WORKSPACE: return "workspace: too small (see adakv_workspace_size)";
+    case ADAKV_ERR_ALIGN: return "align: unknown pooling alignment";
     default: return "unknown status code";
     }
 }
@@ -45,6 +46,8 @@ int32_t adakv_check_config(const adakv_config *cfg) {
     if (cfg->pooling != ADAKV_POOL_MAX && cfg->pooling != ADAKV_POOL_AVG)
         return ADAKV_ERR_POOLING;
     if (cfg->kernel < 1 || cfg->kernel % 2 == 0) return ADAKV_ERR_KERNEL;
+    if (cfg->align != ADAKV_ALIGN_CENTER && cfg->align != ADAKV_ALIGN_CAUSAL)
+        return ADAKV_ERR_ALIGN;
     if (cfg->gqa != ADAKV_GQA_MEAN && cfg->gqa != ADAKV_GQA_MAX) return ADAKV_ERR_GQA;
     if (adakv__is_pyramid(cfg->policy) && cfg->n_layers < 1) return ADAKV_ERR_N_LAYERS;
     if (cfg->beta < 1) return ADAKV_ERR_BETA;

@@ -5,7 +5,8 @@
  * the window queries' attention over the non-window rows, then (GQA support) mean of
  * the query heads of each group, then max/avg pooling over the non-window rows only
  * (F.max_pool1d / F.avg_pool1d, stride 1, padding kernel//2, avg counting the padding).
- * Our input holds the window SUMS, so the mean is sum / n_obs.
+ * Our input holds the window SUMS, so the mean is sum / n_obs. Not official: the causal
+ * alignment (cfg->align) moves each pooling window to end at its row (see adakv.h).
  *
  * Arithmetic is float32 in the official order (x / n_obs per query head, left-to-right
  * sum over the group, / group; pooling sums left to right, / kernel), so the results
@@ -203,6 +204,31 @@ static void adakv__pool(const float *restrict a, int32_t n, int32_t kernel, int3
     }
 }
 
+/* Causal alignment: the window of row r is [r-k+1, r], the centered window of row r-p
+ * (k = 2p+1; never clipped on the right), so move the centered values p rows on and
+ * compute the first p rows, which see the left padding, from a. */
+static void adakv__align_causal(const float *restrict a, int32_t n, int32_t kernel,
+                                int32_t pooling, float *restrict pf, uint32_t *restrict pk) {
+    const int32_t p = kernel / 2;
+    const int32_t head = p < n ? p : n;
+    float acc = 0.0f;
+    for (int32_t r = n - 1; r >= p; r--) {
+        if (pf) pf[r] = pf[r - p];
+        else pk[r] = pk[r - p];
+    }
+    for (int32_t r = 0; r < head; r++) {
+        float v;
+        if (pooling == ADAKV_POOL_MAX) {
+            acc = r == 0 || a[r] > acc ? a[r] : acc;
+            v = acc;
+        } else {
+            acc = acc + a[r];
+            v = acc / (float)kernel;
+        }
+        adakv__store(&v, 1, pf ? pf + r : NULL, pk ? pk + r : NULL);
+    }
+}
+
 int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,
                            int32_t n_obs, const int32_t *lens, const float *scores,
                            float *tmp, float *t1, float *t2, float *pooled, uint32_t *keys) {
@@ -230,6 +256,8 @@ int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n
                 }
             } else {
                 adakv__pool(agg, n, cfg->kernel, cfg->pooling, t1, t2, pf, pk);
+                if (cfg->align == ADAKV_ALIGN_CAUSAL)
+                    adakv__align_causal(agg, n, cfg->kernel, cfg->pooling, pf, pk);
                 /* an average of huge finite values can overflow */
                 if (cfg->pooling == ADAKV_POOL_AVG) {
                     if (pf && adakv__nonfinite(pf, (size_t)n)) return ADAKV_ERR_SCORES;

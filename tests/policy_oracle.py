@@ -50,9 +50,14 @@ def _win(window: int, length: int) -> int:
 
 
 def oracle_pooled(
-    blocks: list[torch.Tensor], window: int, n_obs: int, gqa: str, pooling: str, kernel: int
+    blocks: list[torch.Tensor], window: int, n_obs: int, gqa: str, pooling: str, kernel: int,
+    align: str = "center",
 ) -> list[torch.Tensor]:
-    """Scorer: per KV head block [G, len_h] (window sums) -> pooled scores [n_h]."""
+    """Scorer: per KV head block [G, len_h] (window sums) -> pooled scores [n_h].
+
+    ``align="causal"`` (ours, not official): each row pools itself and the ``kernel - 1``
+    rows before it: the torch op on the sequence padded with ``kernel - 1`` rows in front
+    (-inf for max, 0 for avg, which counts the padding like the centered op)."""
     out = []
     for blk in blocks:
         g, length = blk.shape
@@ -74,6 +79,19 @@ def oracle_pooled(
         else:
             raise ValueError(gqa)
         x = agg.view(1, 1, n)
+        if align == "causal":
+            fill = float("-inf") if pooling == "max" else 0.0
+            x = F.pad(x, (kernel - 1, 0), value=fill)
+            if pooling == "avg":
+                pooled = F.avg_pool1d(x, kernel_size=kernel, stride=1)
+            elif pooling == "max":
+                pooled = F.max_pool1d(x, kernel_size=kernel, stride=1)
+            else:
+                raise ValueError(pooling)
+            out.append(pooled.view(n))
+            continue
+        if align != "center":
+            raise ValueError(align)
         if pooling == "avg":
             pooled = F.avg_pool1d(x, kernel_size=kernel, padding=kernel // 2, stride=1)
         elif pooling == "max":
@@ -125,6 +143,7 @@ def oracle_select(
     beta: int = 20,
     n_sinks: int = 4,
     pooled: list[torch.Tensor] | None = None,
+    align: str = "center",
 ) -> OracleResult:
     """The official selection for one layer; ``blocks[h]`` is KV head h's [G, len_h]."""
     lens = [int(b.shape[1]) for b in blocks]
@@ -145,7 +164,7 @@ def oracle_select(
         return OracleResult(keep, [budget] * n_kv, any(n > budget for n in lens))
 
     if pooled is None:
-        pooled = oracle_pooled(blocks, window, n_obs, gqa, pooling, kernel)
+        pooled = oracle_pooled(blocks, window, n_obs, gqa, pooling, kernel, align)
     bl = oracle_layer_budget(policy, budget, window, layer, n_layers, beta, max(ns))
 
     def with_window(h: int, idx: torch.Tensor) -> list[int]:

@@ -295,6 +295,27 @@ def test_pooling_is_over_the_scored_rows_only() -> None:
     assert np.allclose(avg[8:13], 0.2) and avg[0] == 0.0  # zero padding is counted
 
 
+def test_causal_pooling_lifts_the_rows_after_a_score() -> None:
+    """pool_align="causal": row r pools rows r-k+1..r, so a hot row lifts the k-1 rows after
+    it (the continuation of an attended span), not the ones before it."""
+    scores = np.zeros((1, 40), dtype=np.float32)
+    scores[0, 10], scores[0, 3], scores[0, 0] = 5.0, 1.0, 2.0
+    kw = {"budget": 8, "window": 4, "kernel": 5}
+    mx = pooled_scores(PolicyConfig("snapkv", pool_align="causal", **kw), scores, 1,
+                       n_obs=1)[0]
+    assert mx[:16].tolist() == [2, 2, 2, 2, 2, 1, 1, 1, 0, 0, 5, 5, 5, 5, 5, 0]
+    avg = pooled_scores(PolicyConfig("snapkv", pool_align="causal", pooling="avg", **kw),
+                        scores, 1, n_obs=1)[0]
+    assert np.allclose(avg[:16], [.4, .4, .4, .6, .6, .2, .2, .2, 0, 0, 1, 1, 1, 1, 1, 0])
+    center = pooled_scores(PolicyConfig("snapkv", **kw), scores, 1, n_obs=1)[0]
+    assert center[8:13].tolist() == [5.0] * 5 and center[13] == 0.0
+    # B' = 4 scored rows: the hot row and the 3 after it (ties: lower rows), then the window
+    sel = select(PolicyConfig("snapkv", pool_align="causal", **kw), 0, scores, 1, n_obs=1)
+    assert sel.keep[0].tolist() == [10, 11, 12, 13, 36, 37, 38, 39]
+    sel = select(PolicyConfig("snapkv", **kw), 0, scores, 1, n_obs=1)
+    assert sel.keep[0].tolist() == [8, 9, 10, 11, 36, 37, 38, 39]
+
+
 def test_n_obs_does_not_change_rankings() -> None:
     rng = np.random.default_rng(9)
     scores = rand_scores(rng, 8, 500)
@@ -375,6 +396,7 @@ def test_config_defaults_follow_the_design() -> None:
     ({"kernel": -3}, "kernel"),
     ({"pooling": "median"}, "pooling"),
     ({"gqa": "sum"}, "gqa"),
+    ({"pool_align": "left"}, "pool_align"),
     ({"policy": "h2o"}, "policy"),
     ({"policy": "ADA-SNAPKV"}, "policy"),
     ({"policy": "pyramid"}, "n_layers"),
@@ -448,7 +470,7 @@ def _c_config(**kw: int | float) -> object:
     ("budget", 3, "ADAKV_ERR_BUDGET"), ("window", -2, "ADAKV_ERR_WINDOW"),
     ("floor_alpha", 1.01, "ADAKV_ERR_ALPHA"), ("floor_alpha", float("nan"), "ADAKV_ERR_ALPHA"),
     ("pooling", 2, "ADAKV_ERR_POOLING"), ("kernel", 2, "ADAKV_ERR_KERNEL"),
-    ("gqa", 7, "ADAKV_ERR_GQA"), ("beta", 0, "ADAKV_ERR_BETA"),
+    ("gqa", 7, "ADAKV_ERR_GQA"), ("beta", 0, "ADAKV_ERR_BETA"), ("align", 2, "ADAKV_ERR_ALIGN"),
     ("n_sinks", -4, "ADAKV_ERR_N_SINKS"),
 ])
 def test_c_validates_config(field: str, value: float, code: str) -> None:

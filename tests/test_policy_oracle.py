@@ -55,6 +55,9 @@ def make_case(scenario: str, seed: int) -> dict:
         "n_obs": int(rng.integers(1, 65)),
         "n_layers": int(rng.integers(1, 40)),
         "kind": "float",
+        # ours: the causal pooling window, in half of the cases (no rng draw: the other
+        # fields stay what they were)
+        "align": ("center", "causal")[(seed // 2) % 2],
     }
     case["layer"] = int(rng.integers(0, case["n_layers"]))
     case["budget"] = case["window"] + int(rng.integers(0, 64))
@@ -119,7 +122,7 @@ def _config(case: dict, policy: str | None = None) -> PolicyConfig:
     return PolicyConfig(
         policy or case["policy"], budget=case["budget"], window=case["window"],
         floor_alpha=case["alpha"], pooling=case["pooling"], kernel=case["kernel"],
-        gqa=case["gqa"], n_layers=case["n_layers"],
+        gqa=case["gqa"], n_layers=case["n_layers"], pool_align=case["align"],
     )
 
 
@@ -129,6 +132,7 @@ def _oracle(case: dict, policy: str | None = None):
         budget=case["budget"], window=case["window"], floor_alpha=case["alpha"],
         pooling=case["pooling"], kernel=case["kernel"], gqa=case["gqa"],
         n_obs=case["n_obs"], layer=case["layer"], n_layers=case["n_layers"],
+        align=case["align"],
     )
 
 
@@ -156,6 +160,8 @@ def test_cases_cover_the_space() -> None:
     cases = [make_case(s, seed) for s in SCENARIOS for seed in range(SEEDS_PER_SCENARIO)]
     assert len(cases) >= 500
     assert {(c["pooling"], c["gqa"]) for c in cases} == set(COMBOS)
+    assert {(c["align"], c["pooling"]) for c in cases if c["kernel"] > 1} == {
+        (a, p) for a in ("center", "causal") for p in ("max", "avg")}
     assert {c["policy"] for c in cases} == set(SCORED)
     assert any(c["n_kv"] == 1 for c in cases)
     assert any(max(c["lens"]) <= c["budget"] for c in cases)  # nothing to evict
@@ -183,7 +189,8 @@ def test_scorer_bit_exact(scenario: str) -> None:
         case = make_case(scenario, seed)
         got = pooled_scores(_config(case), case["blocks"], case["g"], n_obs=case["n_obs"])
         want = oracle_pooled([torch.from_numpy(b) for b in case["blocks"]], case["window"],
-                             case["n_obs"], case["gqa"], case["pooling"], case["kernel"])
+                             case["n_obs"], case["gqa"], case["pooling"], case["kernel"],
+                             case["align"])
         assert len(got) == len(want)
         for h, (a, b) in enumerate(zip(got, want, strict=True)):
             assert np.array_equal(a, b.numpy()), f"head {h}, seed {seed}"
@@ -226,7 +233,7 @@ def test_cap_blend_rounds_like_the_official_float32_code(alpha: float, count: in
     case = {"policy": "ada-snapkv", "n_kv": 2, "g": 1, "window": window, "alpha": alpha,
             "kernel": 1, "pooling": "max", "gqa": "mean", "n_obs": 32, "n_layers": 1,
             "layer": 0, "budget": 100 + window, "lens": [scored + window] * 2,
-            "blocks": blocks, "kind": "float"}
+            "blocks": blocks, "kind": "float", "align": "center"}
     _check_equal(case)
     sel = select(_config(case), 0, blocks, 1, n_obs=32)
     assert sel.counts[0] == cap + window
