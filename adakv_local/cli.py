@@ -42,6 +42,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "ada-pyramid, streaming, full)")
     p.add_argument("--window", type=int, default=32, help="observation window (32)")
     p.add_argument("--floor-alpha", type=float, default=0.2, help="Ada-KV safeguard (0.2)")
+    _add_pooling_args(p)
     p.add_argument("--prefill", choices=["full", "chunked"], default="full")
     p.add_argument("--chunk", type=int, default=2048, help="chunked-prefill chunk (2048)")
     p.add_argument("--n-ctx", type=int, default=4096, help="context window (default 4096)")
@@ -49,6 +50,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log")
+
+
+def _add_pooling_args(p: argparse.ArgumentParser) -> None:
+    from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
+
+    p.add_argument("--kernel", type=int, default=LOCALLLM_KERNEL,
+                   help=f"score pooling kernel, odd (default {LOCALLLM_KERNEL}; "
+                        "the official Ada-KV code uses 7)")
+    p.add_argument("--pool-align", choices=["causal", "center"], default=LOCALLLM_POOL_ALIGN,
+                   help="pooling window: causal keeps the rows after an attended token "
+                        f"(default {LOCALLLM_POOL_ALIGN}); center is the official Ada-KV one")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -63,10 +75,15 @@ def _open(ns: argparse.Namespace, kv_budget: Any = "args") -> Any:
     from .llm import LocalLLM
 
     budget = ns.kv_budget if kv_budget == "args" else kv_budget
+    ada: dict[str, Any] = {}
+    if kv_budget == "args" or budget is not None:
+        # the user's own flags: with no --kv-budget, LocalLLM refuses Ada-KV options; a
+        # vanilla run the command adds for comparison (demo, compare) just leaves them out
+        ada = dict(policy=ns.policy, window=ns.window, floor_alpha=ns.floor_alpha,
+                   kernel=ns.kernel, pool_align=ns.pool_align, prefill=ns.prefill,
+                   chunk=ns.chunk)
     return LocalLLM(ns.model, kv_budget=budget, n_ctx=ns.n_ctx, n_threads=ns.threads,
-                    n_gpu_layers=ns.n_gpu_layers, seed=ns.seed, verbose=ns.verbose,
-                    policy=ns.policy, window=ns.window, floor_alpha=ns.floor_alpha,
-                    prefill=ns.prefill, chunk=ns.chunk)
+                    n_gpu_layers=ns.n_gpu_layers, seed=ns.seed, verbose=ns.verbose, **ada)
 
 
 def _stream_answer(llm: Any, messages: list[dict[str, str]], ns: argparse.Namespace) -> str:
@@ -238,7 +255,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     spec = EvalSpec(model=ns.model, tasks=tuple(ns.tasks), lengths=tuple(ns.lengths),
                     budgets=tuple(ns.budgets), policies=tuple(ns.policies),
                     modes=tuple(modes), samples=ns.samples, seed=ns.seed,
-                    teacher_tokens=ns.teacher_tokens, threads=ns.threads, source=ns.source)
+                    teacher_tokens=ns.teacher_tokens, threads=ns.threads, source=ns.source,
+                    kernel=ns.kernel, pool_align=ns.pool_align)
     report = run_eval(spec, progress=not ns.quiet, verbose=ns.verbose)
     print(table(report))
     n_prompts = spec.samples * len(spec.tasks) * len(spec.lengths)
@@ -326,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher-forced tokens for KL / top-1 agreement (64)")
     p.add_argument("--source", choices=["auto", "essays", "filler"], default="auto",
                    help="haystack text (auto: the essays when installed)")
+    _add_pooling_args(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     p.add_argument("--json", default=None, help="write the report (cells and records) here")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")

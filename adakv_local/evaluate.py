@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .eval_tasks import TASKS, EvalSample, make_sample
 
 POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "ada-snapkv", "pyramid",
@@ -69,6 +70,8 @@ class EvalSpec:
     window: int = 32
     threads: int | None = None
     source: str = "auto"
+    kernel: int = LOCALLLM_KERNEL
+    pool_align: str = LOCALLLM_POOL_ALIGN
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -98,6 +101,10 @@ class EvalSpec:
                             ("seed", self.seed, 0)):
             if not isinstance(v, int) or v < lo:
                 bad(f"{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            bad(f"kernel must be an odd integer >= 1, got {self.kernel!r}")
+        if self.pool_align not in ("causal", "center"):
+            bad(f"pool_align must be causal or center, got {self.pool_align!r}")
         if self.source not in ("auto", "essays", "filler"):
             bad(f"source must be auto, essays or filler, got {self.source!r}")
 
@@ -196,7 +203,7 @@ class Evaluator:
             + spec.teacher_tokens + 128
         self.llm = LocalLLM(spec.model, kv_budget=n_ctx, policy="full", n_ctx=n_ctx,
                             n_threads=spec.threads, window=spec.window, verbose=verbose,
-                            seed=spec.seed)
+                            seed=spec.seed, kernel=spec.kernel, pool_align=spec.pool_align)
         self.group = self.llm.n_head // self.llm.n_head_kv
 
     def close(self) -> None:
@@ -288,9 +295,10 @@ class Evaluator:
         return refs
 
     # -------------------------------------------------------------- one configuration
-    def evaluate(self, p: _Prompt, ref: _Reference, mode: str, policy: str, budget: int
-                 ) -> dict[str, Any]:
-        """Score one (policy, budget) on a prompt from its reference snapshot."""
+    def evaluate(self, p: _Prompt, ref: _Reference, mode: str, policy: str, budget: int,
+                 **options: Any) -> dict[str, Any]:
+        """Score one (policy, budget) on a prompt from its reference snapshot; ``options``
+        (kernel, pool_align, floor_alpha, pooling) override the spec's for this call."""
         llm = self.llm
         T = self.spec.teacher_tokens
         base = {"task": p.sample.task, "mode": mode, "policy": policy, "budget": budget,
@@ -302,7 +310,7 @@ class Evaluator:
                     "bound": 0.0, "l1_layers": zeros, "bound_layers": zeros,
                     "rows_per_head": rows, "answer": ref.answer}
         llm.restore(ref.snap)
-        sels = llm.compress(policy, budget, scores=ref.scores, n_obs=ref.n_obs)
+        sels = llm.compress(policy, budget, scores=ref.scores, n_obs=ref.n_obs, **options)
         l1, bound = attention_l1(ref.scores, ref.n_obs, ref.lens, ref.vrows, sels, self.group)
         lens = llm.ragged.all_lengths()
         rows = float(np.mean([x.mean() for x in lens]))
@@ -449,6 +457,11 @@ def compare_policies(report: dict[str, Any], a: str = "ada-snapkv", b: str = "sn
     return out
 
 
+def pooling_label(spec: dict[str, Any]) -> str:
+    """``kernel N, causal|center`` of a report's spec (reports before the option: 7, center)."""
+    return f"kernel {spec.get('kernel', 7)}, {spec.get('pool_align', 'center')}"
+
+
 def table(report: dict[str, Any]) -> str:
     """Markdown: per mode, accuracy (top-1 agreement) per task, length, policy and budget,
     then the averages over tasks and lengths."""
@@ -459,7 +472,7 @@ def table(report: dict[str, Any]) -> str:
     for mode in spec["modes"]:
         out.append(f"**{mode}** — accuracy % (top-1 agreement % with the full cache over "
                    f"{spec['teacher_tokens']} teacher-forced tokens), n = {spec['samples']} "
-                   "per cell\n")
+                   f"per cell, score pooling {pooling_label(spec)}\n")
         out.append("| task | length | policy | " + " | ".join(f"budget {b}" for b in budgets)
                    + " |")
         out.append("|---|---|---|" + "---|" * len(budgets))

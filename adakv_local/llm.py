@@ -11,6 +11,7 @@ Responses have the shapes llama-cpp-python's ``Llama.create_chat_completion`` an
 from __future__ import annotations
 
 import codecs
+import inspect
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _runtime as R
+from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .errors import AdaKVError, ContextOverflowError, ModelError
 from .models import resolve_model
 
@@ -161,6 +163,10 @@ class LocalLLM:
         window: observation window (rows always kept; queries that score the rest).
         floor_alpha: Ada-KV safeguard: each head keeps at least ``alpha`` of its share.
         pooling, kernel: pooling of the scores along rows (``max``/``avg``, odd kernel).
+        pool_align: where a row's pooling window lies: ``causal`` (default: the row and
+            the ``kernel - 1`` rows before it, so the rows that follow an attended token
+            are kept with it and a copied answer keeps its tail) or ``center`` (the
+            official SnapKV / Ada-KV window). See docs/NOTES.md "Causal pooling".
         prefill: ``full`` (prefill the whole new text, then compress: the paper's way) or
             ``chunked`` (compress after every ``chunk`` tokens: bounded peak memory).
         chunk: tokens per chunk in chunked prefill.
@@ -185,7 +191,8 @@ class LocalLLM:
         window: int = 32,
         floor_alpha: float = 0.2,
         pooling: str = "max",
-        kernel: int = 7,
+        kernel: int = LOCALLLM_KERNEL,
+        pool_align: str = LOCALLLM_POOL_ALIGN,
         prefill: str = "full",
         chunk: int = 2048,
         on_full: str = "compress",
@@ -205,6 +212,17 @@ class LocalLLM:
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
         self.policy_config: Any = None
+        if kv_budget is None:
+            ada_args = {"policy": policy, "window": window, "floor_alpha": floor_alpha,
+                        "pooling": pooling, "kernel": kernel, "pool_align": pool_align,
+                        "prefill": prefill, "chunk": chunk, "on_full": on_full,
+                        "headroom": headroom}
+            defaults = inspect.signature(LocalLLM.__init__).parameters
+            given = [k for k, v in ada_args.items() if v != defaults[k].default]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with a KV budget: pass "
+                                 "kv_budget=N (rows kept per head) or leave them out to run "
+                                 "vanilla llama.cpp")
         if kv_budget is not None:
             if not isinstance(kv_budget, int) or isinstance(kv_budget, bool) or kv_budget < 1:
                 raise ValueError(f"kv_budget must be a positive integer or None, got "
@@ -213,7 +231,8 @@ class LocalLLM:
 
             # n_layers is filled in once the model is loaded (pyramid policies need it)
             PolicyConfig(policy=policy, budget=kv_budget, window=window,
-                         floor_alpha=floor_alpha, pooling=pooling, kernel=kernel, n_layers=1)
+                         floor_alpha=floor_alpha, pooling=pooling, kernel=kernel, n_layers=1,
+                         pool_align=pool_align)
         self.prefill_mode, self.chunk, self.on_full, self.headroom = (
             prefill, chunk, on_full, headroom)
         for name, val, lo in (("n_ctx", n_ctx, 16), ("n_batch", n_batch, 1)):
@@ -275,7 +294,7 @@ class LocalLLM:
                 )
             self.policy_config = PolicyConfig(
                 policy=policy, budget=kv_budget, window=window, floor_alpha=floor_alpha,
-                pooling=pooling, kernel=kernel, n_layers=self.n_layer)
+                pooling=pooling, kernel=kernel, n_layers=self.n_layer, pool_align=pool_align)
             first = kv_budget + (chunk if prefill == "chunked" else n_batch) + headroom
             # full mode: pools of a multiple of 256 rows (flash attention's CPU kernel rounds
             # by view length, so uncompressed ragged runs stay identical to vanilla); chunked
@@ -474,6 +493,8 @@ class LocalLLM:
             a = self._ada
             extra = {
                 "policy": self.policy_config.policy,
+                "pooling": f"{self.policy_config.pooling}/{self.policy_config.kernel}/"
+                           f"{self.policy_config.pool_align}",
                 "kv_budget": self.kv_budget,
                 "rows_per_head": lens,
                 "capacity_per_head": caps,
@@ -856,20 +877,22 @@ class LocalLLM:
     def compress(self, policy: str | None = None, kv_budget: int | None = None, *,
                  scores: Any = None, n_obs: int | None = None, **options: Any) -> list[Any]:
         """Compress the cache now with this instance's policy, or with ``policy`` /
-        ``kv_budget`` / policy ``options`` (window, floor_alpha, pooling, kernel) for this
-        call only. ``scores``/``n_obs``: an earlier ``ragged.observe_flat(n_obs)`` of the
-        current rows. Returns the per-layer selections ([] when nothing was evicted)."""
+        ``kv_budget`` / policy ``options`` (window, floor_alpha, pooling, kernel,
+        pool_align) for this call only. ``scores``/``n_obs``: an earlier
+        ``ragged.observe_flat(n_obs)`` of the current rows. Returns the per-layer
+        selections ([] when nothing was evicted)."""
         self._need_ragged("compress()")
         from .policy import PolicyConfig
 
         cur = self.policy_config
         cfg = cur
         if policy is not None or kv_budget is not None or options:
-            unknown = set(options) - {"window", "floor_alpha", "pooling", "kernel"}
+            unknown = set(options) - {"window", "floor_alpha", "pooling", "kernel", "pool_align"}
             if unknown:
                 raise TypeError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
             kw = {"window": cur.window, "floor_alpha": cur.floor_alpha,
-                  "pooling": cur.pooling, "kernel": cur.kernel, **options}
+                  "pooling": cur.pooling, "kernel": cur.kernel, "pool_align": cur.pool_align,
+                  **options}
             cfg = PolicyConfig(policy=policy or cur.policy, budget=kv_budget or cur.budget,
                                n_layers=self.n_layer, **kw)
             if cfg.window > self._rc.n_window:

