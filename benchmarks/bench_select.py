@@ -56,9 +56,11 @@ def make_scores(n_layers: int, n_head_kv: int, group: int, rows: int, window: in
 
 
 def bench(policy: str, scores: np.ndarray, n_head_kv: int, group: int, rows: int,
-          budget: int, window: int, repeat: int) -> dict[str, float]:
+          budget: int, window: int, repeat: int, kernel: int = 7,
+          pool_align: str = "center") -> dict[str, float]:
     n_layers = scores.shape[0]
-    cfg = PolicyConfig(policy, budget=budget, window=window, n_layers=n_layers)
+    cfg = PolicyConfig(policy, budget=budget, window=window, n_layers=n_layers, kernel=kernel,
+                       pool_align=pool_align)
     lens = np.full(n_head_kv, rows, dtype=np.int32)
     wall, cpu = [], []
     kept = 0
@@ -89,6 +91,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policies", nargs="+",
                     default=["ada-snapkv", "snapkv", "ada-pyramid", "pyramid", "streaming"])
+    ap.add_argument("--kernel", type=int, default=7, help="pooling kernel (official: 7)")
+    ap.add_argument("--pool-align", default="center", choices=["center", "causal"],
+                    help="pooling window (official: center; LocalLLM's default: causal, "
+                         "kernel 11)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -96,12 +102,13 @@ def main() -> None:
     scores = make_scores(args.layers, args.heads, args.group, args.rows, args.window,
                          args.seed)
     shape = (f"{args.layers} layers x {args.heads} KV heads x {args.rows} rows, "
-             f"GQA {args.group}, budget {args.budget}, window {args.window}")
+             f"GQA {args.group}, budget {args.budget}, window {args.window}, pooling "
+             f"{args.pool_align} {args.kernel}")
     print(f"bench_select: {shape} ({scores.nbytes / 2**20:.0f} MiB of scores), {pin}")
     results = {}
     for policy in args.policies:
         r = bench(policy, scores, args.heads, args.group, args.rows, args.budget,
-                  args.window, args.repeat)
+                  args.window, args.repeat, args.kernel, args.pool_align)
         results[policy] = r
         print(f"  {policy:12s} best {r['best_ms']:7.2f} ms  median {r['median_ms']:7.2f} ms  "
               f"cpu {r['best_cpu_ms']:7.2f} ms  ({r['per_layer_ms']:.3f} ms/layer, "
@@ -118,7 +125,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "benchmark": "bench_select",
         "shape": {"n_layers": args.layers, "n_head_kv": args.heads, "n_q_per_kv": args.group,
-                  "rows": args.rows, "budget": args.budget, "window": args.window},
+                  "rows": args.rows, "budget": args.budget, "window": args.window,
+                  "kernel": args.kernel, "pool_align": args.pool_align},
         "repeat": args.repeat,
         "cpu": platform.processor() or platform.machine(),
         "affinity": pin,
