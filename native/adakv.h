@@ -133,10 +133,11 @@ int32_t adakv_layer_budget(const adakv_config *cfg, int32_t layer, int32_t n_hea
  * n_q_per_kv; or max), then pooling along the head's scored rows only (the window
  * is never pooled). float32 throughout, in the official order of operations: the
  * values are bit-identical to the PyTorch ops (F.max_pool1d / F.avg_pool1d with
- * padding kernel/2, stride 1; with ADAKV_ALIGN_CAUSAL, the same ops on the rows padded
- * with kernel-1 rows in front and none behind). Writes adakv_n_scored() floats to `pooled` (which
- * must not overlap the workspace). Fails with ADAKV_ERR_SCORES if any input score
- * (window rows included) or pooled value is NaN or infinite. */
+ * padding kernel/2, stride 1; with ADAKV_ALIGN_CAUSAL, the same ops on the rows
+ * padded with kernel-1 rows in front and none behind). Writes adakv_n_scored()
+ * floats to `pooled` (which must not overlap the workspace). Fails with
+ * ADAKV_ERR_SCORES if any input score (window rows included) or pooled value is NaN
+ * or infinite. */
 int32_t adakv_score(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_kv,
                     int32_t n_obs, const int32_t *lens, const float *scores,
                     void *workspace, size_t workspace_size, float *pooled);
