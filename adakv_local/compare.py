@@ -68,6 +68,10 @@ def _peak_vram() -> int | None:
         return None
 
 
+ADA_TIMES = ("observe_seconds", "select_seconds", "compact_seconds")
+"""``kv_stats()`` timers of Ada-KV's own work."""
+
+
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Measure one configuration in this process (called in a fresh subprocess)."""
     from .llm import LocalLLM
@@ -119,14 +123,10 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         "compressions": st.get("compressions", 0),
         # where the time goes: Ada-KV's own work during prefill, and in all
         "profile": {
-            "prefill_compute_seconds": prefill_s - sum(
-                st_prefill.get(k, 0.0) for k in ("observe_seconds", "select_seconds",
-                                                  "compact_seconds")),
-            **{f"prefill_{k}": st_prefill.get(k, 0.0)
-               for k in ("observe_seconds", "select_seconds", "compact_seconds")},
+            "prefill_compute_seconds": prefill_s - sum(st_prefill.get(k, 0.0) for k in ADA_TIMES),
+            **{f"prefill_{k}": st_prefill.get(k, 0.0) for k in ADA_TIMES},
             "decode_seconds_total": sum(steps),
-            **{f"total_{k}": st.get(k, 0.0)
-               for k in ("observe_seconds", "select_seconds", "compact_seconds")},
+            **{f"total_{k}": st.get(k, 0.0) for k in ADA_TIMES},
             "compressions_during_decode": (st.get("compressions", 0)
                                            - st_prefill.get("compressions", 0)),
         },

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ._closing import Closing
 from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .eval_tasks import TASKS, EvalSample, make_sample
 
@@ -159,22 +160,16 @@ def attention_l1(scores: np.ndarray, n_obs: int, lens: Sequence[np.ndarray],
     (empty: nothing evicted, loss 0).
     """
     from .policy import kept_mass
+    from .ragged import split_heads, split_layers
 
     n_layer = len(lens)
     l1 = np.zeros(n_layer)
     bound = np.zeros(n_layer)
     if not sels:
         return l1, bound
-    off = 0
-    for il in range(n_layer):
-        size = group * int(lens[il].sum())
-        flat = scores[off:off + size]
-        off += size
+    for il, flat in enumerate(split_layers(scores, lens, group)):
         sel = sels[il]
-        blocks, o = [], 0
-        for ln in lens[il].tolist():
-            blocks.append(flat[o:o + group * ln].reshape(group, ln))
-            o += group * ln
+        blocks = split_heads(flat, lens[il], group)
         km = kept_mass(blocks, sel, group)
         for h, blk in enumerate(blocks):
             ln = blk.shape[1]
@@ -191,7 +186,7 @@ def attention_l1(scores: np.ndarray, n_obs: int, lens: Sequence[np.ndarray],
     return l1, bound
 
 
-class Evaluator:
+class Evaluator(Closing):
     """Runs :class:`EvalSpec` on one loaded model (an Ada-KV :class:`LocalLLM` that never
     evicts on its own: compression happens only through :meth:`LocalLLM.compress`)."""
 
@@ -209,12 +204,6 @@ class Evaluator:
     def close(self) -> None:
         """Free the model."""
         self.llm.close()
-
-    def __enter__(self) -> Evaluator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -------------------------------------------------------------- prompts
     def prompt(self, task: str, length: int, index: int) -> _Prompt:
@@ -237,7 +226,7 @@ class Evaluator:
     # -------------------------------------------------------------- reference
     def _observe(self) -> tuple[np.ndarray, int, list[np.ndarray], list[list[np.ndarray]]]:
         rc = self.llm.ragged
-        n_obs = max(1, min(self.spec.window, rc.window_available()))
+        n_obs = rc.n_obs(self.spec.window)
         lens = rc.all_lengths()
         vrows = [[rc.read_rows(il, h)[1] for h in range(rc.n_head_kv(il))]
                  for il in range(rc.n_layer)]

@@ -11,6 +11,7 @@ Responses have the shapes llama-cpp-python's ``Llama.create_chat_completion`` an
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import inspect
 import os
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _runtime as R
+from ._closing import Closing
 from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .errors import AdaKVError, ContextOverflowError, ModelError
 from .models import resolve_model
@@ -34,7 +36,7 @@ Message = dict[str, Any]
 
 
 @dataclass(frozen=True)
-class CacheSnapshot:
+class CacheSnapshot(Closing):
     """A saved Ada-KV cache state (:meth:`LocalLLM.snapshot`); ``close()`` frees it."""
 
     ragged: Any  # adakv_local.ragged.RaggedSnapshot
@@ -48,12 +50,6 @@ class CacheSnapshot:
     def close(self) -> None:
         """Free the host copy (idempotent)."""
         self.ragged.close()
-
-    def __enter__(self) -> CacheSnapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 @dataclass
@@ -145,7 +141,7 @@ def _check_messages(messages: str | Sequence[Message]) -> list[Message]:
     return out
 
 
-class LocalLLM:
+class LocalLLM(Closing):
     """A local GGUF model with an (optionally) Ada-KV-compressed KV cache.
 
     Args:
@@ -355,12 +351,6 @@ class LocalLLM:
             C.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> LocalLLM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:
         try:
             self.close()
@@ -509,11 +499,11 @@ class LocalLLM:
                 "prefill_mode": self.prefill_mode,
             }
             # where the pools live: bytes per backend buffer type (CPU, CUDA0, ...)
-            per_layer_row = (self.head_dim_k + self.head_dim_v) * 2
+            head_row = (self.head_dim_k + self.head_dim_v) * 2  # one row of one KV head
             by_buffer: dict[str, int] = {}
             for il, cs in enumerate(caps):
                 name = self._rc.buffer_type(il)
-                by_buffer[name] = by_buffer.get(name, 0) + sum(cs) * per_layer_row
+                by_buffer[name] = by_buffer.get(name, 0) + sum(cs) * head_row
             extra["bytes_by_buffer_type"] = by_buffer
             extra["bytes_on_device"] = sum(b for n, b in by_buffer.items()
                                            if not n.upper().startswith("CPU"))
@@ -788,6 +778,7 @@ class LocalLLM:
         selections ([] when nothing could be evicted).
         """
         from .policy import select_flat
+        from .ragged import split_layers
 
         rc = self._rc
         cfg = cfg if cfg is not None else self.policy_config
@@ -804,21 +795,16 @@ class LocalLLM:
         group = self.n_head // self.n_head_kv
         t0 = time.perf_counter()
         per_layer: list[Any] = [None] * self.n_layer
+        if cfg.uses_scores and scores is not None and (
+                n_obs is None or scores.size != group * sum(int(x.sum()) for x in lens)):
+            raise ValueError("scores: an observation of the current rows (observe_flat) "
+                             "with its n_obs is required")
+        if scores is None or n_obs is None:
+            n_obs = rc.n_obs(cfg.window)
         if cfg.uses_scores:
             if scores is None:
-                n_obs = max(1, min(cfg.window, rc.window_available()))
-                scores = rc.observe_flat(n_obs)
-            elif n_obs is None or scores.size != group * sum(int(x.sum()) for x in lens):
-                raise ValueError("scores: an observation of the current rows (observe_flat) "
-                                 "with its n_obs is required")
-            # one graph for all layers; the flat buffer is layer by layer, each layer's
-            # query heads one after the other, each a block of its KV head's length
-            off = 0
-            for il in range(self.n_layer):
-                size = group * int(lens[il].sum())
-                per_layer[il] = scores[off:off + size]
-                off += size
-        n_obs = n_obs or max(1, min(cfg.window, rc.window_available()))
+                scores = rc.observe_flat(n_obs)  # one graph for all layers
+            per_layer = split_layers(scores, lens, group)
         t1 = time.perf_counter()
         sels = [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)
                 for il in range(self.n_layer)]
@@ -882,19 +868,14 @@ class LocalLLM:
         ``ragged.observe_flat(n_obs)`` of the current rows. Returns the per-layer
         selections ([] when nothing was evicted)."""
         self._need_ragged("compress()")
-        from .policy import PolicyConfig
-
         cur = self.policy_config
         cfg = cur
         if policy is not None or kv_budget is not None or options:
             unknown = set(options) - {"window", "floor_alpha", "pooling", "kernel", "pool_align"}
             if unknown:
                 raise TypeError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
-            kw = {"window": cur.window, "floor_alpha": cur.floor_alpha,
-                  "pooling": cur.pooling, "kernel": cur.kernel, "pool_align": cur.pool_align,
-                  **options}
-            cfg = PolicyConfig(policy=policy or cur.policy, budget=kv_budget or cur.budget,
-                               n_layers=self.n_layer, **kw)
+            cfg = dataclasses.replace(cur, policy=policy or cur.policy,
+                                      budget=kv_budget or cur.budget, **options)
             if cfg.window > self._rc.n_window:
                 raise ValueError(f"window {cfg.window} exceeds the {self._rc.n_window} "
                                  "queries this instance keeps")

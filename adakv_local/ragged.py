@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ._closing import Closing
 from .errors import AdaKVError
 
 __all__ = [
@@ -216,6 +217,28 @@ def _last_error(ffi: Any, handle: Any) -> str:
     return msg or "no reason recorded (see llama.cpp's log)"
 
 
+def split_layers(flat: np.ndarray, lens: Any, groups: Any) -> list[np.ndarray]:
+    """Per-layer views of an :meth:`RaggedContext.observe_flat` buffer: layer ``il`` is
+    ``groups[il] * sum(lens[il])`` floats (``groups``: query heads per KV head, one int for
+    every layer or one per layer)."""
+    out, off = [], 0
+    for il, ln in enumerate(lens):
+        size = (groups if isinstance(groups, int) else groups[il]) * int(np.sum(ln))
+        out.append(flat[off:off + size])
+        off += size
+    return out
+
+
+def split_heads(layer: np.ndarray, lens: Any, group: int) -> list[np.ndarray]:
+    """One layer's observation (see :func:`split_layers`) as per-KV-head views
+    ``[group, len_h]``, in head order."""
+    out, off = [], 0
+    for ln in (int(x) for x in lens):
+        out.append(layer[off:off + group * ln].reshape(group, ln))
+        off += group * ln
+    return out
+
+
 def _addr(p: Any) -> int:
     """Integer address of a pointer given as int, ctypes pointer/c_void_p or cffi pointer."""
     if p is None:
@@ -235,7 +258,7 @@ def _addr(p: Any) -> int:
         raise TypeError(f"expected a pointer (int, ctypes or cffi), got {type(p).__name__}") from e
 
 
-class RaggedContext:
+class RaggedContext(Closing):
     """A ``llama_context`` whose KV memory is ragged per head (owned: :meth:`close` frees it)."""
 
     def __init__(self, ctx: int, model: int) -> None:
@@ -330,12 +353,6 @@ class RaggedContext:
 
             llama_cpp.llama_free(ctypes.c_void_p(self._ctx))
             self._ctx = 0
-
-    def __enter__(self) -> RaggedContext:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:
@@ -470,6 +487,11 @@ class RaggedContext:
         less than ``n_window`` early on and after a :meth:`seq_rm_tail` into the window."""
         return self._call("llama_ragged_window_available")
 
+    def n_obs(self, window: int) -> int:
+        """Queries an observation of ``window`` can use now: ``window`` capped by
+        :meth:`window_available`, at least 1."""
+        return max(1, min(window, self.window_available()))
+
     def observe_size(self) -> int:
         """Floats written by :meth:`observe_flat` for the current lengths."""
         return self._call("llama_ragged_observe_size")
@@ -488,17 +510,9 @@ class RaggedContext:
         of layer ``il`` (its query heads ``h*n_group ..``), the softmax probabilities of the
         last ``n_window`` queries over the head's live rows, summed over the queries."""
         lens = self.all_lengths()
-        flat = self.observe_flat(n_window)
-        res: list[list[np.ndarray]] = []
-        off = 0
-        for il in range(self.n_layer):
-            g = self._n_head(il) // self._n_head_kv[il]
-            per = []
-            for ln in lens[il]:
-                per.append(flat[off:off + g * int(ln)].reshape(g, int(ln)))
-                off += g * int(ln)
-            res.append(per)
-        return res
+        groups = [self._n_head(il) // self._n_head_kv[il] for il in range(self.n_layer)]
+        layers = split_layers(self.observe_flat(n_window), lens, groups)
+        return [split_heads(x, ln, g) for x, ln, g in zip(layers, lens, groups, strict=True)]
 
     def compact(self, il: int, keep: list[Any] | None, new_caps: Any) -> None:
         """Keep, for every KV head ``h`` of layer ``il``, the live rows ``keep[h]`` (sorted
@@ -595,7 +609,7 @@ class RaggedContext:
         return rc
 
 
-class RaggedSnapshot:
+class RaggedSnapshot(Closing):
     """A host copy of a ragged memory's state (owned: :meth:`close` frees it)."""
 
     def __init__(self, ffi: Any, handle: Any, ptr: Any, model: int) -> None:
@@ -619,12 +633,6 @@ class RaggedSnapshot:
         if self._ptr is not None:
             self._lib.llama_ragged_snapshot_free(self._ptr)
             self._ptr = None
-
-    def __enter__(self) -> RaggedSnapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __del__(self) -> None:
         try:
