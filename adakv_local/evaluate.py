@@ -341,6 +341,7 @@ def _group(records: Iterable[dict[str, Any]], keys: Sequence[str]
 
 
 CELL_KEYS = ("mode", "task", "length", "policy", "budget")
+LOWER_IS_BETTER = ("kl", "l1", "bound")
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -430,7 +431,8 @@ def summary(report: dict[str, Any], *, mode: str | None = None) -> list[dict[str
 
 def compare_policies(report: dict[str, Any], a: str = "ada-snapkv", b: str = "snapkv",
                      metric: str = "accuracy", tol: float = 0.0) -> dict[str, int]:
-    """Cells where policy ``a`` wins, ties (within ``tol``) or loses against ``b``."""
+    """Cells where policy ``a`` wins, ties (within ``tol``) or loses against ``b``; for
+    ``kl``, ``l1`` and ``bound`` lower wins."""
     by = {tuple(c[k] for k in CELL_KEYS): c for c in report["cells"]}
     out = {"win": 0, "tie": 0, "lose": 0}
     for key, c in by.items():
@@ -440,7 +442,7 @@ def compare_policies(report: dict[str, Any], a: str = "ada-snapkv", b: str = "sn
         if other is None:
             continue
         d = c[metric] - other[metric]
-        if metric == "kl":
+        if metric in LOWER_IS_BETTER:
             d = -d
         out["win" if d > tol else "lose" if d < -tol else "tie"] += 1
     return out

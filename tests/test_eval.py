@@ -77,6 +77,21 @@ def test_lengths_land_near_the_target() -> None:
         assert abs(count(s) - n) <= 0.05 * n
 
 
+def test_compare_policies_counts_lower_losses_as_wins() -> None:
+    def cell(policy: str, **m: float) -> dict:
+        return {"mode": "question-aware", "task": "t", "length": 1024, "policy": policy,
+                "budget": 128, **m}
+
+    report = {"cells": [cell("ada-snapkv", accuracy=0.5, kl=0.1, l1=9.0, bound=90.0),
+                        cell("snapkv", accuracy=0.4, kl=0.2, l1=10.0, bound=80.0)]}
+    win, lose = {"win": 1, "tie": 0, "lose": 0}, {"win": 0, "tie": 0, "lose": 1}
+    assert compare_policies(report) == win  # higher accuracy
+    assert compare_policies(report, metric="kl") == win  # lower KL
+    assert compare_policies(report, metric="l1") == win  # lower attention loss
+    assert compare_policies(report, metric="bound") == lose  # higher bound
+    assert compare_policies(report, metric="l1", tol=2.0) == {"win": 0, "tie": 1, "lose": 0}
+
+
 def test_bad_task_arguments() -> None:
     with pytest.raises(ValueError, match="unknown task"):
         make_sample("nope", 1024, 0)
