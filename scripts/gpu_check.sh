@@ -100,18 +100,12 @@ if [ -z "${ADAKV_CUDA_ARCH:-}" ]; then
     [[ $ADAKV_CUDA_ARCH =~ ^[0-9]+$ ]] || ADAKV_CUDA_ARCH=90
 fi
 export ADAKV_CUDA_ARCH
-if ! command -v nvcc >/dev/null 2>&1; then
-    for d in /usr/local/cuda/bin /usr/local/cuda-*/bin /opt/cuda/bin; do
-        if [ -x "$d/nvcc" ]; then PATH=$d:$PATH; break; fi
-    done
-fi
-if command -v nvcc >/dev/null 2>&1; then
-    NVCC_VERSION=$(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')
-    CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
-    CUDACXX=$(command -v nvcc)
-    export CUDA_HOME CUDACXX CUDAToolkit_ROOT=$CUDA_HOME
-    export LD_LIBRARY_PATH="$CUDA_HOME/lib64:$CUDA_HOME/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-fi
+# nvcc, cuBLAS (from the toolkit, else the image's pip package nvidia-cublas) and libcuda for
+# the source build; also puts the toolkit's libraries on LD_LIBRARY_PATH for a prebuilt wheel
+# shellcheck source=scripts/cuda_env.sh
+. "$REPO/scripts/cuda_env.sh"
+CUDA_ENV_OK=1
+cuda_toolkit_env "$WORK/cuda-overlay" || CUDA_ENV_OK=0
 export PATH PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 JOBS=$(nproc)
 log "GPU: $GPU_LINE; arch $ADAKV_CUDA_ARCH; nvcc ${NVCC_VERSION:-missing}; $JOBS cores;" \
@@ -159,11 +153,51 @@ phase_deps() {
     "$PY" -c "import adakv_local._native, adakv_local.policy; print('native policy library ok')"
 }
 
+check_runtime() {  # the installed llama_cpp has the ragged API and GPU offload
+    "$PY" - <<'EOF'
+import llama_cpp
+from adakv_local import ragged
+
+print("libllama:", ragged.libllama_path())
+assert ragged.available(), f"no ragged symbols: {ragged.missing_symbols()[:3]}"
+assert llama_cpp.llama_supports_gpu_offload(), "this llama_cpp build cannot offload to a GPU"
+print("patched runtime with GPU offload: ok")
+EOF
+}
+
+# gpu_bundle/prebuilt/ (scripts/prebuild_gpu_wheel.sh): a wheel built on the CPU machine from
+# this bundle's source for one architecture. Used when its KEY matches; 0 = installed and works.
+try_prebuilt() {
+    local keyf=$BUNDLE/prebuilt/KEY wheel want have
+    [ -f "$keyf" ] || { echo "no prebuilt wheel in the bundle: building from source"; return 1; }
+    want=$(grep -E '^(sdist|patch) ' "$keyf" | sort)
+    have=$(grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt" | sort)
+    [ "$want" = "$have" ] || { echo "the prebuilt wheel is for another bundle: building"; return 1; }
+    if ! grep -qx "arch $ADAKV_CUDA_ARCH" "$keyf"; then
+        echo "the prebuilt wheel is for $(grep '^arch ' "$keyf"), this GPU is sm_$ADAKV_CUDA_ARCH: building"
+        return 1
+    fi
+    wheel=$BUNDLE/prebuilt/$(awk '$1 == "prebuilt" {print $2}' "$keyf")
+    echo "$(awk '$1 == "prebuilt" {print $3}' "$keyf")  $wheel" | sha256sum --quiet -c - \
+        || { echo "the prebuilt wheel does not match its KEY: building"; return 1; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "$wheel" || return 1
+    echo "installed the prebuilt $(basename "$wheel") ($(grep '^nvcc ' "$keyf"))"
+    if ! check_runtime; then
+        echo "the prebuilt wheel does not work here: removing it and building from source"
+        rm -rf "$SITE"/llama_cpp "$SITE"/llama_cpp_python-*
+        return 1
+    fi
+}
+
 phase_build() {
     local stamp key wheel src t
-    command -v nvcc >/dev/null 2>&1 || { echo "nvcc not found (PATH, /usr/local/cuda/bin)"; exit 1; }
+    if [ "${ADAKV_GPU_PREBUILT:-1}" != 0 ] && try_prebuilt; then
+        return 0
+    fi
+    [ "$CUDA_ENV_OK" = 1 ] || { echo "no usable CUDA toolkit to build with (see [cuda_env] above)"; exit 1; }
     export ADAKV_CUDA=1
-    export ADAKV_CMAKE_ARGS="-DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF ${ADAKV_CMAKE_ARGS:-}"
+    export ADAKV_CMAKE_ARGS="-DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF $CUDA_CMAKE_ARGS ${ADAKV_CMAKE_ARGS:-}"
     key=$({ cat "$BUNDLE/MANIFEST.txt"; echo "$ADAKV_CUDA_ARCH $ADAKV_CMAKE_ARGS $NVCC_VERSION"; } \
         | sha256sum | cut -c1-16)
     stamp=$WORK/wheel/stamp
@@ -204,15 +238,7 @@ EOF
     fi
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$wheel"
-    "$PY" - <<'EOF'
-import llama_cpp
-from adakv_local import ragged
-
-print("libllama:", ragged.libllama_path())
-assert ragged.available(), f"no ragged symbols: {ragged.missing_symbols()[:3]}"
-assert llama_cpp.llama_supports_gpu_offload(), "this llama_cpp build cannot offload to a GPU"
-print("patched runtime with GPU offload: ok")
-EOF
+    check_runtime
 }
 
 wait_models() {  # wait for the background model writer, at most $1 seconds

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Build the CUDA wheel of the patched runtime HERE (no GPU needed) and add it to gpu_bundle/, so
+# that scripts/gpu_check.sh on the GPU machine installs it instead of spending its device time
+# on the build (issue 9). Optional: without it gpu_check.sh builds from the bundled source.
+#
+#   scripts/make_gpu_bundle.sh && scripts/prebuild_gpu_wheel.sh
+#
+# What it builds: the bundle's own trimmed source tarball, with adakv_local.build_runtime's
+# cmake_args(cuda=True) plus what gpu_check.sh adds (GGML_CUDA_FA_ALL_QUANTS=OFF,
+# GGML_CUDA_NCCL=OFF), for ADAKV_CUDA_ARCH (default 90: H100/H200) only, and with a portable
+# CPU part (AVX2/FMA/F16C, no AVX-512: the GPU machine's CPU is not this one).
+# Needs nvcc and cuBLAS: where the toolkit lacks cuBLAS (this CPU machine), the pip wheel
+# nvidia-cublas matching nvcc's major.minor is downloaded into build/cuda-extra/ (~400 MiB,
+# not part of the bundle); libcuda is linked against an empty stub (scripts/cuda_env.sh).
+# On 2 cores the first build takes hours (~140 nvcc jobs); ccache keeps what it compiled, so
+# an interrupted run resumes. Writes gpu_bundle/prebuilt/{<wheel>,KEY}; KEY names the bundle
+# (sdist + patch hashes), the arch, nvcc's version and the cmake args: gpu_check.sh uses the
+# wheel only when the KEY's bundle and arch match, and falls back to building when the wheel
+# does not load there.
+#
+# Environment: ADAKV_CUDA_ARCH (default 90), PYTHON (default .venv/bin/python), JOBS (nproc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+BUNDLE=$REPO/gpu_bundle
+EXTRA=$REPO/build/cuda-extra
+WORKDIR=$REPO/build/cuda-wheel
+LIMIT_BYTES=$((64 * 1024 * 1024))
+die() { echo "prebuild_gpu_wheel: error: $*" >&2; exit 1; }
+log() { echo "[prebuild_gpu_wheel] $*" >&2; }
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3; fi
+case $PY in /*) ;; */*) PY=$REPO/$PY ;; esac
+[ -f "$BUNDLE/MANIFEST.txt" ] || die "no gpu_bundle/: run scripts/make_gpu_bundle.sh first"
+TGZ=$(awk '$1 == "source" {print $2}' "$BUNDLE/MANIFEST.txt")
+[ -f "$BUNDLE/$TGZ" ] || die "gpu_bundle/MANIFEST.txt names $TGZ, which is missing"
+ARCH=${ADAKV_CUDA_ARCH:-90}
+[[ $ARCH =~ ^[0-9]+$ ]] || die "ADAKV_CUDA_ARCH must be one architecture, e.g. 90 (got '$ARCH')"
+JOBS=${JOBS:-$(nproc)}
+
+# shellcheck source=scripts/cuda_env.sh
+. scripts/cuda_env.sh
+mkdir -p "$EXTRA"
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+nvcc_mm=$("$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
+[ -n "$nvcc_mm" ] || die "nvcc not found (PATH, /usr/local/cuda/bin)"
+if ! compgen -G "$EXTRA/nvidia_cublas-$nvcc_mm.*.whl" >/dev/null; then
+    log "downloading nvidia-cublas~=$nvcc_mm.0 (headers and libraries to link against)"
+    "$PY" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q \
+        -d "$EXTRA" "nvidia-cublas~=$nvcc_mm.0" || log "pip download of nvidia-cublas failed"
+fi
+# shellcheck disable=SC2046
+cuda_toolkit_env "$EXTRA/overlay" $(ls "$EXTRA"/nvidia_cublas-"$nvcc_mm".*.whl 2>/dev/null) \
+    || die "no usable CUDA toolkit (see above)"
+
+rm -rf "$WORKDIR/src" "$WORKDIR/out"
+mkdir -p "$WORKDIR/src"
+tar -C "$WORKDIR/src" -xzf "$BUNDLE/$TGZ"
+SRC=$(find "$WORKDIR/src" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+PORTABLE="-DGGML_NATIVE=OFF -DGGML_AVX512=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX512_VBMI=OFF"
+PORTABLE+=" -DGGML_AVX512_VNNI=OFF -DGGML_AVX_VNNI=OFF -DGGML_AVX=ON -DGGML_AVX2=ON"
+PORTABLE+=" -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_SSE42=ON"
+export ADAKV_CUDA=1 ADAKV_CUDA_ARCH=$ARCH
+export ADAKV_CMAKE_ARGS="-DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF $PORTABLE $CUDA_CMAKE_ARGS"
+log "building for sm_$ARCH with $JOBS jobs (nvcc $NVCC_VERSION); progress: ninja in build/runtime/"
+T0=$SECONDS
+nice -n 10 "$PY" - "$SRC" "$WORKDIR/out" "$JOBS" <<'EOF'
+import sys
+from pathlib import Path
+
+from adakv_local import build_runtime as br
+from adakv_local.errors import RuntimeBuildError
+
+args = br.cmake_args(cuda=True)
+print("cmake args:", " ".join(args), flush=True)
+try:
+    print("built", br._build_wheel(Path(sys.argv[1]), args, Path(sys.argv[2]), int(sys.argv[3])))
+except RuntimeBuildError as e:
+    sys.exit(f"prebuild_gpu_wheel: error: {str(e)[-3000:]}")
+EOF
+WHEEL=$(find "$WORKDIR/out" -maxdepth 1 -name 'llama_cpp_python-*.whl' | head -n 1)
+[ -n "$WHEEL" ] || die "the build produced no wheel"
+log "built $(basename "$WHEEL") in $((SECONDS - T0)) s"
+
+# it must load here (CPU only: no driver, so CUDA reports no device) and carry the ragged API
+mkdir -p "$WORKDIR/site" "$WORKDIR/runstub"
+rm -rf "$WORKDIR/site"/*
+"$PY" -m pip install -q --no-deps --no-index --target "$WORKDIR/site" "$WHEEL"
+if [ -f "$EXTRA/overlay/lib/libcuda.so" ]; then
+    ln -sf "$EXTRA/overlay/lib/libcuda.so" "$WORKDIR/runstub/libcuda.so.1"
+fi
+LD_LIBRARY_PATH="$WORKDIR/runstub:$LD_LIBRARY_PATH" PYTHONPATH="$WORKDIR/site:$REPO" "$PY" - <<'EOF' \
+    || die "the built wheel does not load here"
+import llama_cpp
+from adakv_local import ragged
+
+print("loaded", llama_cpp.__file__, "| gpu offload:", bool(llama_cpp.llama_supports_gpu_offload()))
+assert ragged.available(), f"no ragged symbols: {ragged.missing_symbols()[:3]}"
+assert llama_cpp.llama_supports_gpu_offload(), "built without GPU offload"
+EOF
+
+mkdir -p "$BUNDLE/prebuilt"
+rm -f "$BUNDLE/prebuilt"/*.whl
+cp "$WHEEL" "$BUNDLE/prebuilt/"
+{
+    grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt"
+    echo "arch $ARCH"
+    echo "nvcc $NVCC_VERSION"
+    echo "cmake $("$PY" -c 'from adakv_local import build_runtime as b; print(" ".join(b.cmake_args(cuda=True)))')"
+    echo "prebuilt $(basename "$WHEEL") $(sha256sum "$WHEEL" | cut -d' ' -f1)"
+} >"$BUNDLE/prebuilt/KEY"
+tree_bytes=$(git ls-files -z --cached --others --exclude-standard \
+    | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
+bundle_bytes=$(find "$BUNDLE" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+total=$((tree_bytes + bundle_bytes))
+mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+echo "prebuilt wheel: $(mib "$(stat -c %s "$WHEEL")"); working tree + bundle: $(mib "$total")" \
+     "of the 64 MiB a device call carries"
+if [ "$total" -ge "$LIMIT_BYTES" ]; then
+    rm -rf "$BUNDLE/prebuilt"
+    die "with the wheel the device call would carry $(mib "$total") (over 64 MiB): removed it;" \
+        "gpu_check.sh will build from source"
+fi
+echo "ready: gpu_check.sh will install gpu_bundle/prebuilt/$(basename "$WHEEL") on an sm_$ARCH GPU"
