@@ -22,6 +22,8 @@ qwen3; written to a temporary folder) and every ``--model PATH``.
 
     python benchmarks/gpu_exactness.py [--model PATH ...] [--json OUT.json] [--tol 1e-2]
     python benchmarks/gpu_exactness.py --profile PATH   # only a ragged decode run, for nsys
+    python benchmarks/gpu_exactness.py --profile PATH [--profile-vanilla] --kernels-csv K.csv
+        # the same decode run under torch.profiler (no nsys): GPU time per kernel into K.csv
 """
 
 from __future__ import annotations
@@ -192,23 +194,73 @@ def compare_model(path: Path, n_prompt: int = N_PROMPT, n_decode: int = N_DECODE
     }
 
 
-def profile_run(path: Path, n_prompt: int, n_steps: int) -> dict[str, Any]:
-    """A ragged context (nothing evicted): prefill ``n_prompt`` tokens, then ``n_steps``
-    single-token decode steps; meant to run under ``nsys profile``."""
+def _kernel_table(prof: Any) -> list[dict[str, Any]]:
+    """GPU kernels recorded by a ``torch.profiler`` run (CUPTI sees every kernel of the
+    process, llama.cpp's included): name, total ns, launches; the columns of nsys's
+    ``cuda_gpu_kern_sum`` CSV, so one summary reads either."""
+    from torch.autograd import DeviceType
+
+    acc: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != DeviceType.CUDA:
+            continue
+        t = acc.setdefault(ev.name, [0.0, 0.0])
+        t[0] += 1000.0 * (ev.time_range.end - ev.time_range.start)  # us -> ns
+        t[1] += 1
+    return [{"Name": k, "Total Time (ns)": int(v[0]), "Instances": int(v[1])}
+            for k, v in sorted(acc.items(), key=lambda kv: -kv[1][0])]
+
+
+def profile_run(path: Path, n_prompt: int, n_steps: int, *, vanilla: bool = False,
+                kernels_csv: Path | None = None) -> dict[str, Any]:
+    """Prefill ``n_prompt`` tokens, then time ``n_steps`` single-token decode steps in a
+    ragged context (nothing evicted) or, with ``vanilla``, llama.cpp's own. Meant to run under
+    ``nsys profile``; with ``kernels_csv`` (no nsys needed) the decode steps run under
+    ``torch.profiler`` and the per-kernel GPU time is written there as CSV."""
+    import contextlib
+
     with gpu_model(path) as model:
         n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
         toks = prompt_tokens(n_prompt + n_steps, n_vocab, seed=1)
         cp = context_params(n_prompt + n_steps + 8, n_batch=512, n_ubatch=512)
-        with ragged.RaggedContext.create(model, cparams=cp) as rc:
+        with contextlib.ExitStack() as stack:
+            if vanilla:
+                ctx = llama_cpp.llama_init_from_model(model, cp)
+                if not ctx:
+                    raise RuntimeError(f"llama_init_from_model failed: {''.join(_WARNINGS[-3:])}")
+                stack.callback(llama_cpp.llama_free, ctx)
+            else:
+                ctx = stack.enter_context(ragged.RaggedContext.create(model, cparams=cp)).ctx_ptr
             for s in range(0, n_prompt, 512):
-                decode(rc.ctx_ptr, toks[s:min(s + 512, n_prompt)], s, n_vocab,
-                       all_logits=False)
+                decode(ctx, toks[s:min(s + 512, n_prompt)], s, n_vocab, all_logits=False)
+            prof = None
+            if kernels_csv is not None:
+                import torch
+                from torch.profiler import ProfilerActivity, profile
+
+                torch.cuda.init()
+                prof = stack.enter_context(profile(activities=[ProfilerActivity.CUDA]))
             t0 = time.perf_counter()
             for s in range(n_steps):
-                decode(rc.ctx_ptr, [int(toks[n_prompt + s])], n_prompt + s, n_vocab)
+                decode(ctx, [int(toks[n_prompt + s])], n_prompt + s, n_vocab)
             ms = 1000 * (time.perf_counter() - t0) / max(1, n_steps)
-    return {"model": str(path), "n_prompt": n_prompt, "decode_steps": n_steps,
-            "ragged_decode_ms_per_token": ms}
+            if prof is not None:
+                stack.pop_all().close()  # stop the profiler (and free the context)
+        out: dict[str, Any] = {"model": str(path), "context": "vanilla" if vanilla else "ragged",
+                               "n_prompt": n_prompt, "decode_steps": n_steps,
+                               "decode_ms_per_token": ms}
+        if prof is not None and kernels_csv is not None:
+            import csv
+
+            rows = _kernel_table(prof)
+            with open(kernels_csv, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["Name", "Total Time (ns)", "Instances"])
+                w.writeheader()
+                w.writerows(rows)
+            out["kernels"] = len(rows)
+            out["kernel_launches"] = sum(r["Instances"] for r in rows)
+            out["note"] = "decode time measured while profiling"
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,6 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="only run a ragged decode of this model (for nsys), then exit")
     ap.add_argument("--profile-prompt", type=int, default=4096)
     ap.add_argument("--profile-steps", type=int, default=64)
+    ap.add_argument("--profile-vanilla", action="store_true",
+                    help="profile llama.cpp's own context instead of a ragged one")
+    ap.add_argument("--kernels-csv", type=Path, default=None,
+                    help="with --profile: record GPU kernels with torch.profiler into this CSV")
     ns = ap.parse_args(argv)
 
     if not ragged.available():
@@ -231,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _init()
     if ns.profile is not None:
-        print(json.dumps(profile_run(ns.profile, ns.profile_prompt, ns.profile_steps)))
+        print(json.dumps(profile_run(ns.profile, ns.profile_prompt, ns.profile_steps,
+                                     vanilla=ns.profile_vanilla, kernels_csv=ns.kernels_csv)))
         return 0
 
     report: dict[str, Any] = {

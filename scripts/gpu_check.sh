@@ -19,12 +19,13 @@
 #              tests/test_ragged_exact.py when the default model is on the machine
 #   bench      benchmarks/bench_gpu.py: vanilla vs ada-snapkv@256/1024 at 8K/16K/32K,
 #              decode ms/token and peak VRAM, within the time left (less 20 s, or 110 s
-#              when nsys is there for the profile phase)
-#   profile    nsys kernel summary of a ragged decode run, when nsys is on the PATH
+#              when nsys or a CUDA torch is there for the profile phase)
+#   profile    GPU kernel time of a decode run grouped by kind (flash attention, matmul, ...):
+#              nsys when on the PATH, else torch.profiler for ragged and vanilla
 # The random-weight models are written in the background while the runtime builds.
 #
 # Results: $OUT (the device tool's folder; default build/gpu/out): gpu_check.log, build.log,
-# exactness.json, oracle_junit.xml, bench_gpu.json, profile_kernels.csv, summary.txt; the
+# exactness.json, oracle_junit.xml, bench_gpu.json, profile_kernels*.csv, summary.txt; the
 # benchmark also goes to benchmarks/results/gpu_<gpu-name>.json.
 #
 # Environment: ADAKV_GPU_DEADLINE_S (default 560: seconds for the whole script, under the
@@ -290,7 +291,10 @@ phase_oracle() {
 phase_bench() {
     local budget reserve=20
     # leave time for the profile phase when it can run
-    if command -v nsys >/dev/null 2>&1; then reserve=110; fi
+    if command -v nsys >/dev/null 2>&1 \
+            || "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+        reserve=110
+    fi
     budget=$(($(left) - reserve))
     [ "$budget" -gt 60 ] || skip "only $(left) s left"
     # shellcheck disable=SC2086  # ADAKV_GPU_BENCH_ARGS is a list of words on purpose
@@ -299,18 +303,8 @@ phase_bench() {
         --json "benchmarks/results/gpu_${GPU_SLUG}.json" ${ADAKV_GPU_BENCH_ARGS:-}
 }
 
-phase_profile() {
-    command -v nsys >/dev/null 2>&1 || skip "nsys is not on the PATH (KINDS.md: not installed)"
-    [ "$(left)" -gt 60 ] || skip "only $(left) s left"
-    local model=$MODELS/llama-8b-q4k.gguf
-    [ -f "$model" ] || model=$MODELS/smollm2-shape-q8_0.gguf
-    [ -f "$model" ] || skip "no generated model to profile"
-    timeout "$(cap 120 15)" nsys profile -t cuda -f true -o "$WORK/profile" \
-        "$PY" benchmarks/gpu_exactness.py --profile "$model" --profile-prompt 4096 \
-        --profile-steps 64
-    nsys stats -q -r cuda_gpu_kern_sum -f csv -o "$WORK/profile" "$WORK/profile.nsys-rep"
-    cp "$WORK"/profile_cuda_gpu_kern_sum*.csv "$OUT/profile_kernels.csv"
-    "$PY" - "$OUT/profile_kernels.csv" <<'EOF'
+kernel_summary() {  # kernel_summary CSV: GPU time grouped (flash attention, matmul, ...)
+    "$PY" - "$1" <<'EOF'
 import csv
 import sys
 
@@ -325,9 +319,42 @@ for r in rows:
     t = groups.setdefault(g, [0.0, 0.0])
     t[0] += float(r["Total Time (ns)"])
     t[1] += float(r["Instances"])
+print(f"total GPU kernel time {total / 1e6:.1f} ms")
 for g, (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
     print(f"{g:16s} {100 * t / total:5.1f}% of GPU kernel time, {int(n)} launches")
 EOF
+}
+
+# The share of per-head attention launches in a decode step: nsys when on the PATH, else
+# torch.profiler (CUPTI records llama.cpp's kernels too), ragged and vanilla side by side.
+phase_profile() {
+    [ "$(left)" -gt 60 ] || skip "only $(left) s left"
+    local model=$MODELS/llama-8b-q4k.gguf ctx
+    [ -f "$model" ] || model=$MODELS/smollm2-shape-q8_0.gguf
+    [ -f "$model" ] || skip "no generated model to profile"
+    if command -v nsys >/dev/null 2>&1; then
+        timeout "$(cap 120 15)" nsys profile -t cuda -f true -o "$WORK/profile" \
+            "$PY" benchmarks/gpu_exactness.py --profile "$model" --profile-prompt 4096 \
+            --profile-steps 64
+        nsys stats -q -r cuda_gpu_kern_sum -f csv -o "$WORK/profile" "$WORK/profile.nsys-rep"
+        cp "$WORK"/profile_cuda_gpu_kern_sum*.csv "$OUT/profile_kernels.csv"
+        kernel_summary "$OUT/profile_kernels.csv"
+        return 0
+    fi
+    "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null \
+        || skip "neither nsys nor a CUDA torch to profile with"
+    echo "nsys is not on the PATH: torch.profiler instead"
+    local flags
+    for ctx in ragged vanilla; do
+        [ "$(left)" -gt 40 ] || { echo "only $(left) s left: no $ctx profile"; break; }
+        flags=(--profile "$model" --profile-prompt 4096 --profile-steps 64
+               --kernels-csv "$OUT/profile_kernels_$ctx.csv")
+        [ $ctx = ragged ] || flags+=(--profile-vanilla)
+        timeout "$(cap 90 15)" "$PY" benchmarks/gpu_exactness.py "${flags[@]}" \
+            | tee -a "$OUT/profile.jsonl"
+        echo "--- $ctx decode, 64 steps at 4K tokens:"
+        kernel_summary "$OUT/profile_kernels_$ctx.csv"
+    done
 }
 
 # ------------------------------------------------------------------------------------ run
