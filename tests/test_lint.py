@@ -19,3 +19,17 @@ def test_ruff_clean() -> None:
     out = subprocess.run([ruff, "check", "adakv_local", "tests", "benchmarks", "native"],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+SCRIPTS = sorted((REPO / "scripts").glob("*.sh")) + [REPO / ".ci" / "run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse(script: Path) -> None:
+    """Every shell script parses; with shellcheck installed (apt), it is clean too."""
+    out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    if shutil.which("shellcheck"):
+        out = subprocess.run(["shellcheck", "-x", str(script.relative_to(REPO))], cwd=REPO,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
