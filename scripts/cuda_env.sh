@@ -9,7 +9,7 @@
 # has them all under $CUDA_HOME and nothing is done. Where cuBLAS is missing there, it is taken
 # from the pip package nvidia-cublas (nvidia/cu13/{include,lib}: in the GPU image's Python, or
 # one of the given wheel files) and exposed through OVERLAY_DIR; where no libcuda.so is found
-# (a machine without a driver), OVERLAY_DIR gets an empty link stub named libcuda.so.1 (the real
+# (a machine without a driver), OVERLAY_DIR gets a link stub named libcuda.so.1 (the real
 # driver library replaces it at run time, as with the toolkit's own stubs/libcuda.so).
 #
 # Sets and exports: CUDA_HOME, CUDACXX, CUDAToolkit_ROOT, NVCC_VERSION, PATH, CPATH,
@@ -102,11 +102,20 @@ EOF
         _cuda_log "cuBLAS from $d"
     fi
     if [ $have_driver = 0 ]; then
-        # a link-time stand-in: the binaries record libcuda.so.1, the driver's real library
-        echo 'void adakv_libcuda_link_stub(void) {}' >"$overlay/stub.c"
+        # A stand-in like the toolkit's stubs/libcuda.so: every driver API function of cuda.h
+        # (and the _vN names its #defines map to), each failing with CUDA_ERROR_NO_DEVICE.
+        # It must export them: a symbol-less stub is dropped by --as-needed and the library
+        # would then lack its NEEDED libcuda.so.1. The driver's real library replaces it.
+        local h=$CUDA_HOME/include/cuda.h
+        [ -f "$h" ] || h=$tk_tgt/include/cuda.h
+        [ -f "$h" ] || { _cuda_log "no cuda.h in $CUDA_HOME to make the libcuda stub from"; return 1; }
+        { sed -n 's/.*CUDAAPI \(cu[A-Za-z0-9_]*\)(.*/\1/p' "$h"
+          sed -n 's/^[[:space:]]*#define[[:space:]]\{1,\}cu[A-Za-z0-9_]*[[:space:]]\{1,\}\(cu[A-Za-z0-9_]*\)[[:space:]]*$/\1/p' "$h"
+        } | sort -u | awk '{print "int " $1 "(void) { return 100; }"}' >"$overlay/stub.c"
         gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$overlay/lib/libcuda.so" "$overlay/stub.c" \
             || { _cuda_log "could not make the libcuda link stub (gcc)"; return 1; }
-        _cuda_log "no libcuda.so here (no driver): linking against an empty stub"
+        _cuda_log "no libcuda.so here (no driver): linking against a stub of" \
+            "$(wc -l <"$overlay/stub.c") driver functions"
     fi
     lib=$overlay/lib
     CUDA_CMAKE_ARGS="-DCMAKE_LIBRARY_PATH=$lib"

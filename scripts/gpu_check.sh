@@ -102,7 +102,7 @@ if [ -z "${ADAKV_CUDA_ARCH:-}" ]; then
 fi
 export ADAKV_CUDA_ARCH
 # nvcc, cuBLAS (from the toolkit, else the image's pip package nvidia-cublas) and libcuda for
-# the source build; also puts the toolkit's libraries on LD_LIBRARY_PATH for a prebuilt wheel
+# the source build; also puts the toolkit's libraries on LD_LIBRARY_PATH for a prebuilt package
 # shellcheck source=scripts/cuda_env.sh
 . "$REPO/scripts/cuda_env.sh"
 CUDA_ENV_OK=1
@@ -166,26 +166,27 @@ print("patched runtime with GPU offload: ok")
 EOF
 }
 
-# gpu_bundle/prebuilt/ (scripts/prebuild_gpu_wheel.sh): a wheel built on the CPU machine from
-# this bundle's source for one architecture. Used when its KEY matches; 0 = installed and works.
+# gpu_bundle/prebuilt/ (scripts/prebuild_gpu_wheel.sh): the package built on the CPU machine
+# from this bundle's source for one architecture, as an installed tree (tar.xz). Used when its
+# KEY matches; 0 = installed and works.
 try_prebuilt() {
-    local keyf=$BUNDLE/prebuilt/KEY wheel want have
-    [ -f "$keyf" ] || { echo "no prebuilt wheel in the bundle: building from source"; return 1; }
+    local keyf=$BUNDLE/prebuilt/KEY pack want have
+    [ -f "$keyf" ] || { echo "no prebuilt package in the bundle: building from source"; return 1; }
     want=$(grep -E '^(sdist|patch) ' "$keyf" | sort)
     have=$(grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt" | sort)
-    [ "$want" = "$have" ] || { echo "the prebuilt wheel is for another bundle: building"; return 1; }
+    [ "$want" = "$have" ] || { echo "the prebuilt package is for another bundle: building"; return 1; }
     if ! grep -qx "arch $ADAKV_CUDA_ARCH" "$keyf"; then
-        echo "the prebuilt wheel is for $(grep '^arch ' "$keyf"), this GPU is sm_$ADAKV_CUDA_ARCH: building"
+        echo "the prebuilt package is for $(grep '^arch ' "$keyf"), this GPU is sm_$ADAKV_CUDA_ARCH: building"
         return 1
     fi
-    wheel=$BUNDLE/prebuilt/$(awk '$1 == "prebuilt" {print $2}' "$keyf")
-    echo "$(awk '$1 == "prebuilt" {print $3}' "$keyf")  $wheel" | sha256sum --quiet -c - \
-        || { echo "the prebuilt wheel does not match its KEY: building"; return 1; }
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$wheel" || return 1
-    echo "installed the prebuilt $(basename "$wheel") ($(grep '^nvcc ' "$keyf"))"
+    pack=$BUNDLE/prebuilt/$(awk '$1 == "prebuilt" {print $2}' "$keyf")
+    echo "$(awk '$1 == "prebuilt" {print $3}' "$keyf")  $pack" | sha256sum --quiet -c - \
+        || { echo "the prebuilt package does not match its KEY: building"; return 1; }
+    rm -rf "$SITE"/llama_cpp "$SITE"/llama_cpp_python-*
+    tar -C "$SITE" -xJf "$pack" || return 1
+    echo "installed the prebuilt $(basename "$pack") ($(grep '^nvcc ' "$keyf"))"
     if ! check_runtime; then
-        echo "the prebuilt wheel does not work here: removing it and building from source"
+        echo "the prebuilt package does not work here: removing it and building from source"
         rm -rf "$SITE"/llama_cpp "$SITE"/llama_cpp_python-*
         return 1
     fi
