@@ -59,7 +59,12 @@ EXCLUDE=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$EXCLUDE")"
 grep -qxF "/$BUNDLE/" "$EXCLUDE" 2>/dev/null || echo "/$BUNDLE/" >>"$EXCLUDE"
 
-rm -rf "$BUNDLE" "$STAGE"
+# a prebuilt package (scripts/prebuild_gpu_wheel.sh) survives a rebuild of the bundle when it
+# was made from the same sdist and patches (checked once the new MANIFEST is written)
+KEEP=build/gpu_bundle_prebuilt
+rm -rf "$STAGE" "$KEEP"
+if [ -f "$BUNDLE/prebuilt/KEY" ]; then mkdir -p build && mv "$BUNDLE/prebuilt" "$KEEP"; fi
+rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/wheels" "$STAGE"
 git check-ignore -q "$BUNDLE" || die "$BUNDLE/ is not ignored by git after editing $EXCLUDE"
 
@@ -154,6 +159,16 @@ done
     done
 } >"$BUNDLE/MANIFEST.txt"
 rm -rf "$STAGE"
+if [ -f "$KEEP/KEY" ]; then
+    if [ "$(grep -E '^(sdist|patch) ' "$KEEP/KEY" | sort)" = \
+         "$(grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt" | sort)" ]; then
+        mv "$KEEP" "$BUNDLE/prebuilt"
+        log "kept gpu_bundle/prebuilt/ (same sdist and patches)"
+    else
+        rm -rf "$KEEP"
+        log "dropped gpu_bundle/prebuilt/ (made for other patches): rerun scripts/prebuild_gpu_wheel.sh"
+    fi
+fi
 
 # ------------------------------------------------------------------------------------- size
 # What the device tool sends: tracked and untracked-not-ignored files, plus the carried bundle.
