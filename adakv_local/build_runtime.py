@@ -359,8 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--print-key", action="store_true", help="print the build key and exit")
     ap.add_argument("--check-patches", action="store_true",
                     help="only check that the patch series applies (dry run), then exit")
+    ap.add_argument("--wheel-from", type=Path, default=None, metavar="SRC",
+                    help="only build a wheel from this already patched llama-cpp-python "
+                         "source tree (cmake args from the environment: ADAKV_CUDA, ...) "
+                         "into --out, without the cache or installing it")
+    ap.add_argument("--out", type=Path, default=Path("."), help="folder for --wheel-from")
     ns = ap.parse_args(argv)
     try:
+        if ns.wheel_from is not None:
+            if not (ns.wheel_from / "pyproject.toml").is_file():
+                raise RuntimeBuildError(f"{ns.wheel_from} is not a llama-cpp-python source tree")
+            args = cmake_args()
+            print("cmake args:", " ".join(args), flush=True)
+            print("built", _build_wheel(ns.wheel_from, args, ns.out,
+                                        ns.jobs or os.cpu_count() or 2), flush=True)
+            return 0
         if ns.print_key:
             print(build_key().digest)
             return 0

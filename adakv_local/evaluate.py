@@ -136,7 +136,8 @@ class _Reference:
     score: float
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities (float64) over the last axis of logits."""
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
@@ -144,7 +145,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def fidelity(ref_logp: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
     """Mean KL(ref || q) and top-1 agreement between rows of reference log-probs and logits."""
-    lq = _log_softmax(logits)
+    lq = log_softmax(logits)
     kl = (np.exp(ref_logp) * (ref_logp - lq)).sum(axis=-1)
     top1 = (ref_logp.argmax(axis=-1) == lq.argmax(axis=-1)).mean()
     return float(np.maximum(kl, 0.0).mean()), float(top1)
@@ -274,7 +275,7 @@ class Evaluator(Closing):
         toks, rows = self._greedy(first, self.spec.teacher_tokens + 1)
         n_ans = self._answer_len(toks, self._limit(p))
         answer = llm.detokenize(toks[:n_ans])
-        logp = _log_softmax(np.stack(rows))
+        logp = log_softmax(np.stack(rows))
         score = p.sample.score(answer)
         refs = {}
         for mode in modes:

@@ -96,6 +96,18 @@ def context_params(n_ctx: int, n_batch: int, n_ubatch: int) -> Any:
     return cp
 
 
+@contextmanager
+def vanilla_context(model: Any, cp: Any) -> Iterator[Any]:
+    """llama.cpp's own context on ``model``; freed on exit."""
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    if not ctx:
+        raise RuntimeError(f"llama_init_from_model failed: {''.join(_WARNINGS[-3:])}")
+    try:
+        yield ctx
+    finally:
+        llama_cpp.llama_free(ctx)
+
+
 def decode(ctx: Any, tokens: Sequence[int], p0: int, n_vocab: int,
            all_logits: bool = True) -> np.ndarray:
     """Decode ``tokens`` at positions ``p0..`` in one ``llama_decode``; logits [n_out, n_vocab]."""
@@ -143,10 +155,7 @@ def compare_model(path: Path, n_prompt: int = N_PROMPT, n_decode: int = N_DECODE
         toks = prompt_tokens(n_prompt, n_vocab)
         cp = context_params(n_prompt + n_decode + 8, n_batch=n_prompt, n_ubatch=n_ubatch)
 
-        ctx = llama_cpp.llama_init_from_model(model, cp)
-        if not ctx:
-            raise RuntimeError(f"llama_init_from_model failed: {''.join(_WARNINGS[-3:])}")
-        try:
+        with vanilla_context(model, cp) as ctx:
             v_pre = decode(ctx, toks, 0, n_vocab)
             v_toks: list[int] = []
             v_dec, v_ms = [], []
@@ -158,8 +167,6 @@ def compare_model(path: Path, n_prompt: int = N_PROMPT, n_decode: int = N_DECODE
                 cur = decode(ctx, [tok], n_prompt + s, n_vocab)[0]
                 v_ms.append(1000 * (time.perf_counter() - t0))
                 v_dec.append(cur)
-        finally:
-            llama_cpp.llama_free(ctx)
 
         with ragged.RaggedContext.create(model, cparams=cp, initial_capacity=64) as rc:
             r_pre = decode(rc.ctx_ptr, toks, 0, n_vocab)
@@ -219,21 +226,18 @@ def profile_run(path: Path, n_prompt: int, n_steps: int, *, vanilla: bool = Fals
     ``torch.profiler`` and the per-kernel GPU time is written there as CSV."""
     import contextlib
 
+    prof = None
     with gpu_model(path) as model:
         n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
         toks = prompt_tokens(n_prompt + n_steps, n_vocab, seed=1)
         cp = context_params(n_prompt + n_steps + 8, n_batch=512, n_ubatch=512)
         with contextlib.ExitStack() as stack:
             if vanilla:
-                ctx = llama_cpp.llama_init_from_model(model, cp)
-                if not ctx:
-                    raise RuntimeError(f"llama_init_from_model failed: {''.join(_WARNINGS[-3:])}")
-                stack.callback(llama_cpp.llama_free, ctx)
+                ctx = stack.enter_context(vanilla_context(model, cp))
             else:
                 ctx = stack.enter_context(ragged.RaggedContext.create(model, cparams=cp)).ctx_ptr
             for s in range(0, n_prompt, 512):
                 decode(ctx, toks[s:min(s + 512, n_prompt)], s, n_vocab, all_logits=False)
-            prof = None
             if kernels_csv is not None:
                 import torch
                 from torch.profiler import ProfilerActivity, profile
@@ -244,22 +248,20 @@ def profile_run(path: Path, n_prompt: int, n_steps: int, *, vanilla: bool = Fals
             for s in range(n_steps):
                 decode(ctx, [int(toks[n_prompt + s])], n_prompt + s, n_vocab)
             ms = 1000 * (time.perf_counter() - t0) / max(1, n_steps)
-            if prof is not None:
-                stack.pop_all().close()  # stop the profiler (and free the context)
-        out: dict[str, Any] = {"model": str(path), "context": "vanilla" if vanilla else "ragged",
-                               "n_prompt": n_prompt, "decode_steps": n_steps,
-                               "decode_ms_per_token": ms}
-        if prof is not None and kernels_csv is not None:
-            import csv
+    out: dict[str, Any] = {"model": str(path), "context": "vanilla" if vanilla else "ragged",
+                           "n_prompt": n_prompt, "decode_steps": n_steps,
+                           "decode_ms_per_token": ms}
+    if prof is not None and kernels_csv is not None:
+        import csv
 
-            rows = _kernel_table(prof)
-            with open(kernels_csv, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["Name", "Total Time (ns)", "Instances"])
-                w.writeheader()
-                w.writerows(rows)
-            out["kernels"] = len(rows)
-            out["kernel_launches"] = sum(r["Instances"] for r in rows)
-            out["note"] = "decode time measured while profiling"
+        rows = _kernel_table(prof)
+        with open(kernels_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["Name", "Total Time (ns)", "Instances"])
+            w.writeheader()
+            w.writerows(rows)
+        out["kernels"] = len(rows)
+        out["kernel_launches"] = sum(r["Instances"] for r in rows)
+        out["note"] = "decode time measured while profiling"
     return out
 
 

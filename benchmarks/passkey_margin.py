@@ -23,16 +23,12 @@ from typing import Any
 import numpy as np
 
 from adakv_local import LocalLLM
+from adakv_local.evaluate import log_softmax
 from adakv_local.models import resolve_model
 from adakv_local.tasks import Sample, passkey
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFIX = "The pass key is"
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def probe(llm: LocalLLM, s: Sample, n_new: int = 10) -> dict[str, Any]:
@@ -43,9 +39,9 @@ def probe(llm: LocalLLM, s: Sample, n_new: int = 10) -> dict[str, Any]:
     ref = llm.tokenize(f"{PREFIX} {s.answer}", add_bos=False, special=False)
     at = len(llm.tokenize(PREFIX, add_bos=False, special=False))
     llm.reset()
-    first = llm.prefill_tokens(prompt)  # compresses with a budget, as chat() does
-    rest = llm.append_tokens(ref[:at], all_logits=True)
-    p = np.exp(_log_softmax(np.vstack([first[None], rest])[at]))
+    llm.prefill_tokens(prompt)  # compresses with a budget, as chat() does
+    # the row after "The pass key is" predicts the key (every row computed, as recorded)
+    p = np.exp(log_softmax(llm.append_tokens(ref[:at], all_logits=True)[-1]))
     key_tok = ref[at]
     p_key = float(p[key_tok])
     p[key_tok] = 0.0

@@ -2,6 +2,7 @@
 # Sourced by scripts/gpu_check.sh and scripts/prebuild_gpu_wheel.sh (issue 9): make a CUDA
 # toolkit usable for building ggml-cuda when parts of it live elsewhere.
 #
+#   cuda_find_nvcc                              (nvcc, its version and toolkit only)
 #   cuda_toolkit_env OVERLAY_DIR [CUBLAS_WHEEL...]
 #
 # ggml-cuda needs nvcc, cuBLAS (headers and an unversioned libcublas.so for CMake's
@@ -18,9 +19,10 @@
 
 _cuda_log() { echo "[cuda_env] $*" >&2; }
 
-cuda_toolkit_env() {
-    local overlay=$1 d inc="" lib="" w py=${PYTHON:-${PY:-python3}}
-    shift
+# cuda_find_nvcc: nvcc on the PATH (else the usual toolkit folders); sets and exports PATH,
+# NVCC_VERSION (e.g. 13.0), CUDA_HOME, CUDACXX, CUDAToolkit_ROOT. Returns 1 without nvcc.
+cuda_find_nvcc() {
+    local d
     if ! command -v nvcc >/dev/null 2>&1; then
         for d in /usr/local/cuda/bin /usr/local/cuda-*/bin /opt/cuda/bin; do
             if [ -x "$d/nvcc" ]; then PATH=$d:$PATH; break; fi
@@ -39,10 +41,17 @@ cuda_toolkit_env() {
     fi
     CUDACXX=$(command -v nvcc)
     CUDAToolkit_ROOT=$CUDA_HOME
+    export PATH CUDA_HOME CUDACXX CUDAToolkit_ROOT NVCC_VERSION
+}
+
+cuda_toolkit_env() {
+    local overlay=$1 d inc="" lib="" w py=${PYTHON:-${PY:-python3}}
+    shift
+    cuda_find_nvcc || return 1
     CUDA_CMAKE_ARGS=""
     local tk_lib=$CUDA_HOME/lib64 tk_tgt=$CUDA_HOME/targets/x86_64-linux
     LD_LIBRARY_PATH="$tk_lib:$tk_tgt/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export PATH CUDA_HOME CUDACXX CUDAToolkit_ROOT NVCC_VERSION LD_LIBRARY_PATH CUDA_CMAKE_ARGS
+    export LD_LIBRARY_PATH CUDA_CMAKE_ARGS
 
     local have_blas=0 have_driver=0
     for d in "$CUDA_HOME/include" "$tk_tgt/include"; do

@@ -105,6 +105,8 @@ export ADAKV_CUDA_ARCH
 # the source build; also puts the toolkit's libraries on LD_LIBRARY_PATH for a prebuilt package
 # shellcheck source=scripts/cuda_env.sh
 . "$REPO/scripts/cuda_env.sh"
+# shellcheck source=scripts/bundle_lib.sh
+. "$REPO/scripts/bundle_lib.sh"
 CUDA_ENV_OK=1
 cuda_toolkit_env "$WORK/cuda-overlay" || CUDA_ENV_OK=0
 export PATH PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -170,11 +172,12 @@ EOF
 # from this bundle's source for one architecture, as an installed tree (tar.xz). Used when its
 # KEY matches; 0 = installed and works.
 try_prebuilt() {
-    local keyf=$BUNDLE/prebuilt/KEY pack want have
+    local keyf=$BUNDLE/prebuilt/KEY pack
     [ -f "$keyf" ] || { echo "no prebuilt package in the bundle: building from source"; return 1; }
-    want=$(grep -E '^(sdist|patch) ' "$keyf" | sort)
-    have=$(grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt" | sort)
-    [ "$want" = "$have" ] || { echo "the prebuilt package is for another bundle: building"; return 1; }
+    if [ "$(bundle_id "$keyf")" != "$(bundle_id "$BUNDLE/MANIFEST.txt")" ]; then
+        echo "the prebuilt package is for another bundle: building"
+        return 1
+    fi
     if ! grep -qx "arch $ADAKV_CUDA_ARCH" "$keyf"; then
         echo "the prebuilt package is for $(grep '^arch ' "$keyf"), this GPU is sm_$ADAKV_CUDA_ARCH: building"
         return 1
@@ -215,21 +218,8 @@ phase_build() {
         [ "$t" -gt 60 ] || { echo "only $(left) s left: not enough for the build"; exit 1; }
         echo "building for sm_$ADAKV_CUDA_ARCH with $JOBS jobs ($t s at most)"
         set +e
-        timeout "$t" "$PY" - "$src" "$WORK/wheel" "$JOBS" <<'EOF'
-import sys
-from pathlib import Path
-
-from adakv_local import build_runtime as br
-from adakv_local.errors import RuntimeBuildError
-
-args = br.cmake_args(cuda=True)
-print("cmake args:", " ".join(args), flush=True)
-try:
-    wheel = br._build_wheel(Path(sys.argv[1]), args, Path(sys.argv[2]), int(sys.argv[3]))
-except RuntimeBuildError as e:
-    sys.exit(f"gpu_check: error: {str(e)[-3000:]}")
-print("built", wheel, flush=True)
-EOF
+        timeout "$t" "$PY" -m adakv_local.build_runtime --wheel-from "$src" --out "$WORK/wheel" \
+            --jobs "$JOBS"
         local rc=$?
         set -e
         [ -f "$WORK/wheel/build.log" ] && tail -c 4000000 "$WORK/wheel/build.log" >"$OUT/build.log"

@@ -26,6 +26,8 @@
 set -euo pipefail
 
 die() { echo "make_gpu_bundle: error: $*" >&2; exit 1; }
+# shellcheck source=scripts/bundle_lib.sh
+. "$(dirname "$0")/bundle_lib.sh"
 log() { echo "[make_gpu_bundle] $*" >&2; }
 
 cd "$(dirname "$0")/.."
@@ -160,8 +162,7 @@ done
 } >"$BUNDLE/MANIFEST.txt"
 rm -rf "$STAGE"
 if [ -f "$KEEP/KEY" ]; then
-    if [ "$(grep -E '^(sdist|patch) ' "$KEEP/KEY" | sort)" = \
-         "$(grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt" | sort)" ]; then
+    if [ "$(bundle_id "$KEEP/KEY")" = "$(bundle_id "$BUNDLE/MANIFEST.txt")" ]; then
         mv "$KEEP" "$BUNDLE/prebuilt"
         log "kept gpu_bundle/prebuilt/ (same sdist and patches)"
     else
@@ -172,15 +173,13 @@ fi
 
 # ------------------------------------------------------------------------------------- size
 # What the device tool sends: tracked and untracked-not-ignored files, plus the carried bundle.
-tree_bytes=$(git ls-files -z --cached --others --exclude-standard \
-    | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
-bundle_bytes=$(find "$BUNDLE" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
-total=$((tree_bytes + bundle_bytes))
-mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+tree=$(tree_bytes)
+bundle_bytes=$(dir_bytes "$BUNDLE")
+total=$((tree + bundle_bytes))
 echo "gpu_bundle: $(mib "$bundle_bytes") ($(find "$BUNDLE" -type f | wc -l) files:" \
      "source $(mib "$(stat -c %s "$BUNDLE/$TARBALL")"), wheels" \
-     "$(mib "$(find "$BUNDLE/wheels" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')"))"
-echo "working tree that travels: $(mib "$tree_bytes"); total with the bundle: $(mib "$total")" \
+     "$(mib "$(dir_bytes "$BUNDLE/wheels")"))"
+echo "working tree that travels: $(mib "$tree"); total with the bundle: $(mib "$total")" \
      "of the 64 MiB a device call carries"
 [ "$total" -lt "$LIMIT_BYTES" ] || die "working tree + $BUNDLE/ is $(mib "$total"), over the" \
     "64 MiB a device call carries: trim more or ignore large untracked files"

@@ -42,10 +42,11 @@ JOBS=${JOBS:-$(nproc)}
 
 # shellcheck source=scripts/cuda_env.sh
 . scripts/cuda_env.sh
+# shellcheck source=scripts/bundle_lib.sh
+. scripts/bundle_lib.sh
 mkdir -p "$EXTRA"
-NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-nvcc_mm=$("$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')
-[ -n "$nvcc_mm" ] || die "nvcc not found (PATH, /usr/local/cuda/bin)"
+cuda_find_nvcc || die "nvcc not found (PATH, /usr/local/cuda/bin)"
+nvcc_mm=$(echo "$NVCC_VERSION" | cut -d. -f1,2)
 if ! compgen -G "$EXTRA/nvidia_cublas-$nvcc_mm.*.whl" >/dev/null; then
     log "downloading nvidia-cublas~=$nvcc_mm.0 (headers and libraries to link against)"
     "$PY" -m pip download --no-deps --only-binary=:all: --disable-pip-version-check -q \
@@ -72,20 +73,8 @@ export ADAKV_CUDA=1 ADAKV_CUDA_ARCH=$ARCH
 export ADAKV_CMAKE_ARGS="-DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF $PORTABLE $CUDA_CMAKE_ARGS"
 log "building for sm_$ARCH with $JOBS jobs (nvcc $NVCC_VERSION); progress: ninja in build/runtime/"
 T0=$SECONDS
-nice -n 10 "$PY" - "$SRC" "$WORKDIR/out" "$JOBS" <<'EOF'
-import sys
-from pathlib import Path
-
-from adakv_local import build_runtime as br
-from adakv_local.errors import RuntimeBuildError
-
-args = br.cmake_args(cuda=True)
-print("cmake args:", " ".join(args), flush=True)
-try:
-    print("built", br._build_wheel(Path(sys.argv[1]), args, Path(sys.argv[2]), int(sys.argv[3])))
-except RuntimeBuildError as e:
-    sys.exit(f"prebuild_gpu_wheel: error: {str(e)[-3000:]}")
-EOF
+nice -n 10 "$PY" -m adakv_local.build_runtime --wheel-from "$SRC" --out "$WORKDIR/out" \
+    --jobs "$JOBS" || die "the build failed (log: $WORKDIR/out/build.log)"
 WHEEL=$(find "$WORKDIR/out" -maxdepth 1 -name 'llama_cpp_python-*.whl' | head -n 1)
 [ -n "$WHEEL" ] || die "the build produced no wheel"
 log "built $(basename "$WHEEL") in $((SECONDS - T0)) s"
@@ -142,17 +131,13 @@ log "packing gpu_bundle/prebuilt/$PACK"
     -cf - llama_cpp llama_cpp_python-*.dist-info | xz -T0 -6 >"$BUNDLE/prebuilt/$PACK") \
     || die "packing failed"
 {
-    grep -E '^(sdist|patch) ' "$BUNDLE/MANIFEST.txt"
+    bundle_id "$BUNDLE/MANIFEST.txt"
     echo "arch $ARCH"
     echo "nvcc $NVCC_VERSION"
     echo "cmake $("$PY" -c 'from adakv_local import build_runtime as b; print(" ".join(b.cmake_args(cuda=True)))')"
     echo "prebuilt $PACK $(sha256sum "$BUNDLE/prebuilt/$PACK" | cut -d' ' -f1)"
 } >"$BUNDLE/prebuilt/KEY"
-tree_bytes=$(git ls-files -z --cached --others --exclude-standard \
-    | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
-bundle_bytes=$(find "$BUNDLE" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
-total=$((tree_bytes + bundle_bytes))
-mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
+total=$(($(tree_bytes) + $(dir_bytes "$BUNDLE")))
 echo "prebuilt package: $(mib "$(stat -c %s "$BUNDLE/prebuilt/$PACK")"); working tree + bundle: $(mib "$total")" \
      "of the 64 MiB a device call carries"
 if [ "$total" -ge "$LIMIT_BYTES" ]; then
