@@ -17,7 +17,7 @@ lint: setup
 	$(BIN)/ruff check adakv_local tests benchmarks native
 
 runtime:          ## rebuild the patched runtime if patches/ changed
-	$(BIN)/python -m adakv_local.build_runtime
+	$(BIN)/python -m adakv_local.build
 
 clean:
 	rm -rf build/runtime/src build/runtime/check

@@ -6,7 +6,7 @@
 >>> llm.kv_stats()["bytes_allocated"]
 
 ``LocalLLM`` (which needs the patched llama.cpp runtime) is imported lazily, so the policy
-library (``adakv_local.policy``) and the tools work without it.
+library (``adakv_local.bindings.policy``) and the tools work without it.
 """
 
 from __future__ import annotations

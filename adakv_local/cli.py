@@ -149,7 +149,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     """The README's main job: a long prompt answered by vanilla llama.cpp and by Ada-KV on
     the default model, with the KV memory each one held."""
-    from .tasks import passkey
+    from .bench.tasks import passkey
 
     # a seeded ~1.8K-token passkey prompt that the 135M default model answers with its
     # full cache (see tests/test_adakv_e2e.py)
@@ -205,7 +205,7 @@ def _ints(text: str) -> list[int]:
 
 def cmd_compare(ns: argparse.Namespace) -> int:
     """Vanilla vs Ada-KV: memory, speed, quality; table + JSON + plot."""
-    from .compare import compare, plot, table
+    from .bench.compare import compare, plot, table
 
     policies = [p for p in ns.policies.split(",") if p]
     report = compare(ns.model, ns.contexts, ns.budgets, policies, prefill=ns.prefill,
@@ -249,7 +249,7 @@ def _names(text: str) -> list[str]:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     """Quality of every policy and budget on offline long-context tasks."""
-    from .evaluate import EvalSpec, plot, run_eval, save, table
+    from .bench.evaluate import EvalSpec, plot, run_eval, save, table
 
     modes = ["question-aware", "question-agnostic"] if ns.mode == "both" else [ns.mode]
     spec = EvalSpec(model=ns.model, tasks=tuple(ns.tasks), lengths=tuple(ns.lengths),
@@ -319,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
 
-    from .eval_tasks import TASKS
-    from .evaluate import POLICIES
+    from .bench.eval_tasks import TASKS
+    from .bench.evaluate import POLICIES
 
     p = sub.add_parser("eval", help="quality of Ada-KV vs uniform budgets and baselines on "
                                     "offline long-context tasks")

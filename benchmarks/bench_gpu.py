@@ -1,7 +1,7 @@
 """GPU benchmark (issue 9): vanilla llama.cpp vs Ada-KV with every layer on the GPU.
 
 For each model, context length and configuration (vanilla, then ``--policy`` at each of
-``--budgets``) one subprocess runs :func:`adakv_local.compare.run_one` with
+``--budgets``) one subprocess runs :func:`adakv_local.bench.compare.run_one` with
 ``n_gpu_layers=-1`` -- the same seeded passkey prompt, prefill, greedy decode steps and
 ``kv_stats`` figures as ``adakv-local compare`` -- while a thread samples the GPU's used
 memory (NVML through nvidia-ml-py when installed, else ``nvidia-smi``), so that the report
@@ -12,7 +12,7 @@ holds the peak VRAM of the run over the GPU's usage before the model was loaded.
 Models (``--models``, comma-separated; a path to a ``.gguf`` file also works):
 
 * ``llama-8b-q4k``: the random-weight Llama-3-8B-shaped Q4_K GGUF of
-  :mod:`adakv_local.tiny_models` (32 layers, 32/8 heads, head_dim 128; 4.3 GiB), written to
+  :mod:`adakv_local.testing.tiny_models` (32 layers, 32/8 heads, head_dim 128; 4.3 GiB), written to
   ``--model-dir`` when missing;
 * ``smollm2-shape``: a random-weight GGUF of SmolLM2-135M's shape (30 layers, 9/3 heads,
   head_dim 64, vocabulary 49,152, tied embeddings) in Q8_0 (Q4_K needs multiples of 256), a
@@ -49,15 +49,15 @@ from pathlib import Path
 from typing import Any
 
 import adakv_local
-from adakv_local import compare
-from adakv_local.compare import RunSpec, machine_info, run_one
+from adakv_local.bench import compare
+from adakv_local.bench.compare import RunSpec, machine_info, run_one
 
 SMOLLM2_SHAPE: dict[str, Any] = dict(
     arch="llama", n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152,
     n_ctx_train=8192, rope_freq_base=100_000.0, tied_embeddings=True, dtype="q8_0",
     name="adakv-smollm2-shape-q8_0",
 )
-"""Keyword arguments of :func:`adakv_local.tiny_models.write_tiny_gguf` for the stand-in of
+"""Keyword arguments of :func:`adakv_local.testing.tiny_models.write_tiny_gguf` for the stand-in of
 the default model (SmolLM2-135M-Instruct's shape; Q8_0 instead of Q4_1)."""
 
 GENERATED: dict[str, str] = {"llama-8b-q4k": "llama-8b-q4k.gguf",
@@ -179,7 +179,7 @@ def ensure_model(name: str, model_dir: Path, *, create: bool = True) -> tuple[Pa
         return path, "generated earlier"
     if not create:
         return None, f"{path} has not been written"
-    from adakv_local import tiny_models
+    from adakv_local.testing import tiny_models
 
     model_dir.mkdir(parents=True, exist_ok=True)
     # a name of this process's own: another writer of the same model (gpu_check.sh starts

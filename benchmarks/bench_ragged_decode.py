@@ -77,7 +77,7 @@ def bench_context(model, n_vocab: int, n_ctx_tokens: int, steps: int, rounds: in
                   threads: int, n_ubatch: int, keep: int) -> dict:
     import llama_cpp
 
-    from adakv_local.ragged import RaggedContext
+    from adakv_local.bindings.ragged import RaggedContext
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, n_vocab, size=n_ctx_tokens)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import llama_cpp
 
-    from adakv_local import ragged
+    from adakv_local.bindings import ragged
 
     if not ragged.available():
         sys.exit(f"the loaded libllama ({ragged.libllama_path()}) has no ragged KV memory")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adakv_local.policy import PolicyConfig, select_flat
+from adakv_local.bindings.policy import PolicyConfig, select_flat
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_select.json"
 TARGET_MS = 50.0

@@ -3,7 +3,7 @@
 The GPU counterpart of ``tests/test_ragged_exact.py``: for each model one ``llama_model`` is
 loaded with ``n_gpu_layers=-1`` (KV and attention offloaded too, ``offload_kqv``), and two
 contexts with flash attention share it: vanilla (``llama_init_from_model``) and ragged
-(:meth:`adakv_local.ragged.RaggedContext.create`, starting at 64 rows per head so that the
+(:meth:`adakv_local.bindings.ragged.RaggedContext.create`, starting at 64 rows per head so that the
 prompt also exercises the growth of the pools). Both decode the same seeded ~1,000-token
 prompt in one ``llama_decode`` (4 ubatches of 256) with logits for every position; then
 vanilla decodes 64 greedy tokens and the ragged context is fed the same tokens (teacher
@@ -17,7 +17,7 @@ GPU flash attention is not bit-exact across view lengths and kernel configuratio
 runs one flash-attention op per KV head), so the pass criterion is ``max rel L2 < --tol``
 (default 1e-2) rather than the CPU tests' 1e-3; the numbers are what matters.
 
-Models: the four tiny presets of :mod:`adakv_local.tiny_models` (llama MHA/GQA, qwen2,
+Models: the four tiny presets of :mod:`adakv_local.testing.tiny_models` (llama MHA/GQA, qwen2,
 qwen3; written to a temporary folder) and every ``--model PATH``.
 
     python benchmarks/gpu_exactness.py [--model PATH ...] [--json OUT.json] [--tol 1e-2]
@@ -45,8 +45,8 @@ import llama_cpp
 import numpy as np
 from bench_gpu import VramSampler, gpu_info  # benchmarks/ is on sys.path when run as a script
 
-from adakv_local import ragged
-from adakv_local.tiny_models import TINY_PRESETS, write_preset
+from adakv_local.bindings import ragged
+from adakv_local.testing.tiny_models import TINY_PRESETS, write_preset
 
 N_PROMPT = 1000
 N_DECODE = 64

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from adakv_local import LocalLLM
-from adakv_local.evaluate import log_softmax
+from adakv_local.bench.evaluate import log_softmax
+from adakv_local.bench.tasks import Sample, passkey
 from adakv_local.models import resolve_model
-from adakv_local.tasks import Sample, passkey
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PREFIX = "The pass key is"

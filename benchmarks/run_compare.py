@@ -1,7 +1,7 @@
 """The README's comparison: vanilla llama.cpp vs Ada-KV on the default model.
 
 Writes benchmarks/results/compare_<tag>.json and .png (and prints the table). Every run is
-its own subprocess (see adakv_local.compare). On the 2-core CPU machine the full grid
+its own subprocess (see adakv_local.bench.compare). On the 2-core CPU machine the full grid
 (4 contexts x 3 budgets x 2 policies + vanilla) takes a while; --quick runs a smaller one.
 
     .venv/bin/python benchmarks/run_compare.py [--quick] [--threads 2] [--tag cpu]
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from adakv_local.compare import compare, plot, table
+from adakv_local.bench.compare import compare, plot, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from adakv_local.bench.evaluate import EvalSpec, merge, plot, run_eval, save, table
 from adakv_local.defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
-from adakv_local.evaluate import EvalSpec, merge, plot, run_eval, save, table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adakv_local.evaluate import EvalSpec, Evaluator
+from adakv_local.bench.evaluate import EvalSpec, Evaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = [(7, "center"), (9, "causal"), (11, "causal"), (13, "causal"), (15, "causal")]

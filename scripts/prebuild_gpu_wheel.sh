@@ -5,7 +5,7 @@
 #
 #   scripts/make_gpu_bundle.sh && scripts/prebuild_gpu_wheel.sh
 #
-# What it builds: the bundle's own trimmed source tarball, with adakv_local.build_runtime's
+# What it builds: the bundle's own trimmed source tarball, with adakv_local.build.runtime's
 # cmake_args(cuda=True) plus what gpu_check.sh adds (GGML_CUDA_FA_ALL_QUANTS=OFF,
 # GGML_CUDA_NCCL=OFF), for ADAKV_CUDA_ARCH (default 90: H100/H200) only, and with a portable
 # CPU part (AVX2/FMA/F16C, no AVX-512: the GPU machine's CPU is not this one).
@@ -73,7 +73,7 @@ export ADAKV_CUDA=1 ADAKV_CUDA_ARCH=$ARCH
 export ADAKV_CMAKE_ARGS="-DGGML_CUDA_FA_ALL_QUANTS=OFF -DGGML_CUDA_NCCL=OFF $PORTABLE $CUDA_CMAKE_ARGS"
 log "building for sm_$ARCH with $JOBS jobs (nvcc $NVCC_VERSION); progress: ninja in build/runtime/"
 T0=$SECONDS
-nice -n 10 "$PY" -m adakv_local.build_runtime --wheel-from "$SRC" --out "$WORKDIR/out" \
+nice -n 10 "$PY" -m adakv_local.build --wheel-from "$SRC" --out "$WORKDIR/out" \
     --jobs "$JOBS" || die "the build failed (log: $WORKDIR/out/build.log)"
 WHEEL=$(find "$WORKDIR/out" -maxdepth 1 -name 'llama_cpp_python-*.whl' | head -n 1)
 [ -n "$WHEEL" ] || die "the build produced no wheel"
@@ -111,7 +111,7 @@ import ctypes
 from pathlib import Path
 
 import llama_cpp
-from adakv_local import ragged
+from adakv_local.bindings import ragged
 
 print("loaded", llama_cpp.__file__)
 assert ragged.available(), f"no ragged symbols: {ragged.missing_symbols()[:3]}"
@@ -134,7 +134,7 @@ log "packing gpu_bundle/prebuilt/$PACK"
     bundle_id "$BUNDLE/MANIFEST.txt"
     echo "arch $ARCH"
     echo "nvcc $NVCC_VERSION"
-    echo "cmake $("$PY" -c 'from adakv_local import build_runtime as b; print(" ".join(b.cmake_args(cuda=True)))')"
+    echo "cmake $("$PY" -c 'from adakv_local.build import runtime as b; print(" ".join(b.cmake_args(cuda=True)))')"
     echo "prebuilt $PACK $(sha256sum "$BUNDLE/prebuilt/$PACK" | cut -d' ' -f1)"
 } >"$BUNDLE/prebuilt/KEY"
 total=$(($(tree_bytes) + $(dir_bytes "$BUNDLE")))

@@ -26,12 +26,12 @@ if [ "$(cat "$VENV/.adakv-req" 2>/dev/null || true)" != "$req_hash" ]; then
 fi
 
 # Patched llama-cpp-python (cached wheel keyed by sdist + patches + cmake args).
-"$P" -m adakv_local.build_runtime
+"$P" -m adakv_local.build
 
 # Our package, editable, with the cffi policy extension compiled from native/.
 pkg_hash=$(cat setup.py pyproject.toml native/*.c native/*.h native/*.py 2>/dev/null | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.adakv-pkg" 2>/dev/null || true)" != "$pkg_hash" ] \
-        || ! "$P" -c "import adakv_local, adakv_local._native" 2>/dev/null; then
+        || ! "$P" -c "import adakv_local, adakv_local.bindings._native" 2>/dev/null; then
     echo "[setup] installing adakv-local (editable) and compiling native/"
     "$P" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
     echo "$pkg_hash" > "$VENV/.adakv-pkg"

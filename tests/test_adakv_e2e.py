@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from adakv_local import LocalLLM, ragged
-from adakv_local.tasks import passkey
+from adakv_local import LocalLLM
+from adakv_local.bench.tasks import passkey
+from adakv_local.bindings import ragged
 
 pytestmark = pytest.mark.skipif(
     not ragged.available() or not hasattr(ragged.RaggedContext, "compact"),

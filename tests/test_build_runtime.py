@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adakv_local import build_runtime as B
+from adakv_local.build import runtime as B
 from adakv_local.errors import RuntimeBuildError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,11 +87,11 @@ def test_cuda_args(monkeypatch) -> None:
 def test_current_series_applies_and_rerun_is_fast() -> None:
     """The committed patch series applies to the pinned sdist, and the installed runtime
     matches it: a second `build_runtime` run is a no-op that takes seconds."""
-    out = subprocess.run([sys.executable, "-m", "adakv_local.build_runtime", "--check-patches"],
+    out = subprocess.run([sys.executable, "-m", "adakv_local.build", "--check-patches"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "adakv_local.build_runtime"],
+    out = subprocess.run([sys.executable, "-m", "adakv_local.build"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     dt = time.monotonic() - t0
     assert out.returncode == 0, out.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adakv_local import ragged
+from adakv_local.bindings import ragged
 
 pytestmark = pytest.mark.skipif(
     not ragged.available() or not hasattr(ragged.RaggedContext, "compact"),

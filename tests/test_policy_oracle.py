@@ -1,7 +1,7 @@
 """The native policies equal a PyTorch transcription of the official Ada-KV selection.
 
 ``tests/policy_oracle.py`` transcribes the official code (FFY0/AdaKV, snapkv_utils.py);
-here the C library (through ``adakv_local.policy``) must return exactly the same rows,
+here the C library (through ``adakv_local.bindings.policy``) must return exactly the same rows,
 caps and eviction flag on 600 seeded random cases: single and many KV heads, GQA groups
 of 1..7, lengths below the budget, equal to the window, shorter than the window, and
 different per head, integer-valued scores with heavy ties, both poolings, both GQA
@@ -16,7 +16,7 @@ import pytest
 import torch
 from policy_oracle import oracle_layer_budget, oracle_pooled, oracle_select
 
-from adakv_local.policy import PolicyConfig, pooled_scores, select
+from adakv_local.bindings.policy import PolicyConfig, pooled_scores, select
 
 SCORED = ["snapkv", "ada-snapkv", "pyramid", "ada-pyramid"]
 COMBOS = [("max", "mean"), ("avg", "mean"), ("max", "max"), ("avg", "max")]

@@ -21,8 +21,8 @@ from test_ragged_exact import (  # shared helpers; the import skips this module 
     write_tiny,
 )
 
-from adakv_local import ragged
-from adakv_local.ragged import RaggedContext, RaggedError
+from adakv_local.bindings import ragged
+from adakv_local.bindings.ragged import RaggedContext, RaggedError
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from test_ragged_exact import (  # shared helpers; the import skips this module 
     write_tiny,
 )
 
-from adakv_local.ragged import RaggedContext, RaggedError
+from adakv_local.bindings.ragged import RaggedContext, RaggedError
 
 W = 64
 

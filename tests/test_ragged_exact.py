@@ -28,13 +28,13 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp (the runtime) is not installed")
 
-from adakv_local import ragged  # noqa: E402
+from adakv_local.bindings import ragged  # noqa: E402
 
 if not ragged.available():
     pytest.skip(
         f"the loaded libllama ({ragged.libllama_path()}) lacks the ragged KV symbols "
         f"({', '.join(ragged.missing_symbols()[:2])}, ...): it is the vanilla runtime; build the "
-        "patched one (python -m adakv_local.build_runtime) or set LLAMA_CPP_LIB_PATH",
+        "patched one (python -m adakv_local.build) or set LLAMA_CPP_LIB_PATH",
         allow_module_level=True,
     )
 
@@ -161,8 +161,8 @@ def prompt_tokens(n: int, n_vocab: int, seed: int = 0) -> np.ndarray:
 
 
 def write_tiny(out_dir: Path, presets: tuple[str, ...] = TINY_PRESETS) -> dict[str, Path]:
-    """Tiny random-weight GGUFs of ``adakv_local.tiny_models`` (preset -> path)."""
-    tm = pytest.importorskip("adakv_local.tiny_models")
+    """Tiny random-weight GGUFs of ``adakv_local.testing.tiny_models`` (preset -> path)."""
+    tm = pytest.importorskip("adakv_local.testing.tiny_models")
     return {p: tm.write_preset(out_dir / f"{p}.gguf", p) for p in presets}
 
 

@@ -29,9 +29,9 @@ from test_ragged_exact import (  # the import skips this module on an unpatched 
     write_tiny,
 )
 
-from adakv_local._runtime import release_free_memory
-from adakv_local.ragged import RaggedContext
-from adakv_local.reference import ReferenceModel, attention_probs
+from adakv_local.bindings.llama import release_free_memory
+from adakv_local.bindings.ragged import RaggedContext
+from adakv_local.testing.reference import ReferenceModel, attention_probs
 
 W = 64
 N_PROMPT = 300

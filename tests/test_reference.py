@@ -1,4 +1,4 @@
-"""The PyTorch reference (adakv_local.reference) against vanilla llama.cpp, and its eviction path.
+"""The PyTorch reference (adakv_local.testing.reference) vs vanilla llama.cpp; its eviction path.
 
 Agreement is measured per position on full logit vectors:
 
@@ -34,12 +34,12 @@ import pytest
 pytest.importorskip("torch", reason="torch is the reference's (test-only) dependency")
 llama_cpp = pytest.importorskip("llama_cpp", reason="vanilla runtime not built yet")
 
-from adakv_local.reference import (  # noqa: E402
+from adakv_local.testing.reference import (  # noqa: E402
     ReferenceModel,
     attention_probs,
     dequantize_gguf,
 )
-from adakv_local.tiny_models import SPECIAL, TINY_PRESETS, write_preset  # noqa: E402
+from adakv_local.testing.tiny_models import SPECIAL, TINY_PRESETS, write_preset  # noqa: E402
 
 GGML_TYPE_F32 = 0
 DEFAULT_MODEL = Path(os.environ.get("ADAKV_MODELS_DIR", Path(__file__).parents[1] / "models"))
@@ -326,7 +326,12 @@ def test_random_keep_changes_only_later_tokens(tiny_refs: dict[str, ReferenceMod
         toks = tiny_tokens(96, cfg.n_vocab, seed=4)
         keep = rng.random((cfg.n_layer, cfg.n_head_kv, 64)) < 0.5
         plain, evicted = model.forward(toks), model.forward(toks, keep)
-        np.testing.assert_array_equal(evicted[:64], plain[:64])
+        # the first 64 positions see no eviction, but the masked forward runs them in matmuls
+        # of other shapes, and BLAS may sum in another order per shape (measured: up to 2.7e-14
+        # on AMD EPYC machines): equal to float64 rounding, not bitwise. A leak of
+        # the mask into the prefix would move them as it moves the rest (rel L2 > 1e-2,
+        # asserted below), ten orders of magnitude above this tolerance.
+        np.testing.assert_allclose(evicted[:64], plain[:64], rtol=0, atol=1e-9)
         diff = compare(plain[64:], evicted[64:])
         assert diff["rel_l2_mean"] > 1e-2, (name, diff)
 

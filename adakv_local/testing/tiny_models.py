@@ -450,7 +450,7 @@ def write_preset(path: str | Path, preset: str, **overrides: Any) -> Path:
 
 
 def _main(argv: list[str] | None = None) -> None:
-    """``python -m adakv_local.tiny_models PRESET PATH [--dtype D] [--seed S]``."""
+    """``python -m adakv_local.testing.tiny_models PRESET PATH [--dtype D] [--seed S]``."""
     import argparse
 
     ap = argparse.ArgumentParser(description=_main.__doc__)

@@ -10,8 +10,6 @@ whether the passkey was answered.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -21,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .machine import machine_info
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ ADA_TIMES = ("observe_seconds", "select_seconds", "compact_seconds")
 
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Measure one configuration in this process (called in a fresh subprocess)."""
-    from .llm import LocalLLM
+    from ..llm import LocalLLM
 
     n_ctx = spec.context + spec.decode_steps + 256
     kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_threads": spec.threads, "seed": spec.seed,
@@ -134,7 +134,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
 
 def _spawn(spec: RunSpec, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "adakv_local.compare", "--worker", json.dumps(asdict(spec))]
+    cmd = [sys.executable, "-m", "adakv_local.bench.compare", "--worker", json.dumps(asdict(spec))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"label": spec.label, "spec": asdict(spec),
@@ -150,20 +150,6 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> tuple[float, int]:
     same = sum(1 for x, y in zip(a[:n], b[:n], strict=True) if x == y)
     prefix = next((i for i in range(n) if a[i] != b[i]), n)
     return same / n, prefix
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores and platform, for the report."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
 
 
 def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
@@ -277,15 +263,16 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m adakv_local.compare --worker SPEC`` (internal) entry point."""
+    """``python -m adakv_local.bench.compare --worker SPEC``: one measured run (internal; the
+    user-facing command is ``adakv-local compare``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 2 and args[0] == "--worker":
         spec = RunSpec(**json.loads(args[1]))
         print(json.dumps(run_one(spec)))
         return 0
-    from .cli import main as cli_main
-
-    return cli_main(["compare", *args])
+    print("usage: python -m adakv_local.bench.compare --worker SPEC_JSON "
+          "(internal; run `adakv-local compare` instead)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

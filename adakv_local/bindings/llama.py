@@ -1,7 +1,7 @@
 """Thin, typed helpers over llama-cpp-python's low-level ctypes API.
 
-Everything that touches ``llama_cpp.llama_cpp`` directly lives here, so that ``llm.py``
-reads as orchestration. Includes a log sink that keeps llama.cpp's recent log lines, so
+Everything that touches ``llama_cpp.llama_cpp`` directly lives here, so that the layers above
+read as orchestration. Includes a log sink that keeps llama.cpp's recent log lines, so
 errors can quote the reason llama.cpp gave (it reports most failures only in its log).
 """
 
@@ -12,10 +12,11 @@ import ctypes
 import re
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AdaKVError, ModelError
+from ..errors import AdaKVError, ModelError
 
 try:
     import llama_cpp
@@ -23,7 +24,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "llama_cpp (the patched llama-cpp-python runtime) is not installed; run "
-        "`python -m adakv_local.build_runtime` or `make setup`"
+        "`python -m adakv_local.build` or `make setup`"
     ) from e
 
 _LOG_LINES: collections.deque[str] = collections.deque(maxlen=5000)
@@ -105,6 +106,48 @@ def meta_str(model: Any, key: str) -> str | None:
         buf = ctypes.create_string_buffer(n + 1)
         C.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
     return buf.value.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention shape of a model: what KV sizes and policies depend on."""
+
+    architecture: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+
+    def row_bytes(self) -> int:
+        """Bytes of K and V for one token across all layers and KV heads (f16 cache)."""
+        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * 2
+
+
+def model_shape(model: Any) -> ModelShape:
+    """Read the attention shape of a loaded model (head sizes from the GGUF metadata)."""
+    arch = meta_str(model, "general.architecture") or "llama"
+    n_head = C.llama_model_n_head(model)
+    kl = meta_str(model, f"{arch}.attention.key_length")
+    vl = meta_str(model, f"{arch}.attention.value_length")
+    dk = int(kl) if kl else C.llama_model_n_embd(model) // max(1, n_head)
+    return ModelShape(arch, C.llama_model_n_layer(model), n_head,
+                      C.llama_model_n_head_kv(model), dk, int(vl) if vl else dk)
+
+
+def context_params(n_ctx: int, n_batch: int, n_threads: int) -> Any:
+    """llama_context_params for one sequence with flash attention (which ragged mode needs;
+    vanilla uses it too, so both compute attention with the same kernel)."""
+    cp = C.llama_context_default_params()
+    cp.n_ctx = n_ctx
+    cp.n_batch = n_batch
+    cp.n_ubatch = min(n_batch, 512)
+    cp.n_seq_max = 1
+    cp.n_threads = n_threads
+    cp.n_threads_batch = n_threads
+    cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    cp.no_perf = True
+    return cp
 
 
 def tokenize(vocab: Any, text: str, *, add_special: bool, parse_special: bool) -> list[int]:

@@ -1,6 +1,6 @@
 """Build and install the patched llama.cpp runtime (llama-cpp-python==0.3.36 + patches/).
 
-Run as ``python -m adakv_local.build_runtime``. Steps:
+Run as ``python -m adakv_local.build``. Steps:
 
 1. download the llama-cpp-python sdist with pip (the only network used) and check its sha256;
 2. copy it to a scratch source tree and apply ``patches/*.patch`` in order to its vendored
@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RuntimeBuildError
+from ..errors import RuntimeBuildError
 
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -39,7 +39,7 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SDIST_TOPDIR = "llama_cpp_python-0.3.36"
 VENDOR_SUBDIR = "vendor/llama.cpp"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PATCH_DIR = REPO_ROOT / "patches"
 
 # What we do not need from llama.cpp: tools, examples, tests, the server and llava.
@@ -351,7 +351,7 @@ def ensure_runtime(*, force: bool = False, jobs: int | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(
-        prog="python -m adakv_local.build_runtime",
+        prog="python -m adakv_local.build",
         description="Build (or reuse from the cache) and install the patched llama.cpp runtime.",
     )
     ap.add_argument("--force", action="store_true", help="rebuild even if a cached wheel exists")

