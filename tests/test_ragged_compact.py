@@ -75,8 +75,10 @@ def assert_same(a: dict, b: dict) -> None:
             np.testing.assert_array_equal(x, y)
 
 
-def numpy_observe(rc: RaggedContext, n_window: int) -> list[list[np.ndarray]]:
-    """Reference: softmax(q.k * scale, causal by position) summed over the window queries."""
+def numpy_observe(rc: RaggedContext, n_window: int, reduce: str = "sum"
+                  ) -> list[list[np.ndarray]]:
+    """Reference: softmax(q.k * scale, causal by position) summed (or maxed) over the window
+    queries."""
     res = []
     for il in range(rc.n_layer):
         q, qpos = rc.window(il, n_window)  # [n, n_head, d]
@@ -92,7 +94,7 @@ def numpy_observe(rc: RaggedContext, n_window: int) -> list[list[np.ndarray]]:
             s = np.where(pos[None, None, :] <= qpos[:, None, None], s, -np.inf)
             p = np.exp(s - s.max(axis=-1, keepdims=True))
             p /= p.sum(axis=-1, keepdims=True)
-            per.append(p.sum(axis=0))  # [g, len]
+            per.append(p.sum(axis=0) if reduce == "sum" else p.max(axis=0))  # [g, len]
         res.append(per)
     return res
 

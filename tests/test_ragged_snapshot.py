@@ -100,3 +100,50 @@ def test_snapshot_of_another_model_is_refused(smol, tmp_path: Path) -> None:
             rc.restore(snap)
         with pytest.raises(TypeError, match="RaggedSnapshot"):
             rc.restore("not a snapshot")  # type: ignore[arg-type]
+
+
+def test_snapshot_bytes_round_trip(smol, tmp_path: Path) -> None:
+    """A snapshot written as bytes (a session file's payload) and read back restores the exact
+    state and the next logits bit for bit (same kernels on the same rows); truncated,
+    corrupted, other-version and other-model bytes are refused with nothing changed."""
+    n_vocab = n_vocab_of(smol)
+    toks = prompt_tokens(330, n_vocab, seed=31)
+    rng = np.random.default_rng(5)
+    with RaggedContext.create(smol, cparams=cparams(), n_window=W) as a, \
+            RaggedContext.create(smol, cparams=cparams(), n_window=W) as b:
+        for rc in (a, b):
+            decode(rc.ctx_ptr, toks[:300], 0, n_vocab, all_logits=False)
+        for il in range(a.n_layer):  # ragged lengths, as after Ada-KV
+            keep = [np.sort(rng.choice(300, size=int(rng.integers(40, 250)), replace=False))
+                    for _ in range(3)]
+            a.compact(il, keep, [k.size + 5 for k in keep])
+        ref = _state(a)
+        with a.snapshot() as snap:
+            data = snap.to_bytes()
+        assert data[:8] == b"RGSNAP01"
+        live = sum(int(x.sum()) for x in a.all_lengths())
+        assert live * a.row_bytes(0) < len(data) < live * a.row_bytes(0) + 5 * 2**20
+        (tmp_path / "snap.bin").write_bytes(data)
+        with b.snapshot_from_bytes((tmp_path / "snap.bin").read_bytes()) as back:
+            b.restore(back)
+        _assert_state(_state(b), ref)
+        np.testing.assert_array_equal(decode(a.ctx_ptr, toks[300:], 300, n_vocab),
+                                      decode(b.ctx_ptr, toks[300:], 300, n_vocab))
+
+        before = _state(b)
+        flipped = bytearray(data)
+        flipped[len(data) // 2] ^= 0x10
+        other_version = b"RGSNAP99" + data[8:]
+        for bad, why in ((data[:-1], "checksum"), (data[:5], "too few"),
+                         (bytes(flipped), "checksum"), (b"GGUF" + data[4:], "magic"),
+                         (other_version, "version")):
+            with pytest.raises(RaggedError, match=why):
+                b.snapshot_from_bytes(bad)
+        _assert_state(_state(b), before)
+
+    tiny = write_tiny(tmp_path, ("llama-gqa",))["llama-gqa"]
+    with loaded_model(tiny) as other, \
+            RaggedContext.create(other, cparams=cparams(), n_window=W) as t:
+        with t.snapshot_from_bytes(data) as foreign, \
+                pytest.raises(RaggedError, match="another shape"):
+            t.restore(foreign)

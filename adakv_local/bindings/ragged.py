@@ -94,12 +94,16 @@ int32_t llama_ragged_read_window  (void * ctx, int32_t il, int32_t n_window, flo
                                    int32_t * pos_out);
 int64_t llama_ragged_observe_size (const void * ctx);
 int32_t llama_ragged_observe      (void * ctx, int32_t n_window, float * out, size_t n_out);
+int32_t llama_ragged_observe_max  (void * ctx, int32_t n_window, float * out, size_t n_out);
+int32_t llama_ragged_set_n_window (void * ctx, int32_t n_window);
 int32_t llama_ragged_compact      (void * ctx, int32_t il, const int32_t * keep_counts,
                                    const int32_t * keep_rows, const int32_t * new_caps);
 void *  llama_ragged_snapshot_take   (void * ctx);
 int32_t llama_ragged_snapshot_restore(void * ctx, const void * snap);
 size_t  llama_ragged_snapshot_bytes  (const void * snap);
 void    llama_ragged_snapshot_free   (void * snap);
+size_t  llama_ragged_snapshot_serialize  (const void * snap, void * dst, size_t n_dst);
+void *  llama_ragged_snapshot_deserialize(const void * src, size_t n_src);
 """
 
 FUNCTIONS: tuple[str, ...] = (
@@ -126,11 +130,15 @@ FUNCTIONS: tuple[str, ...] = (
     "llama_ragged_read_window",
     "llama_ragged_observe_size",
     "llama_ragged_observe",
+    "llama_ragged_observe_max",
+    "llama_ragged_set_n_window",
     "llama_ragged_compact",
     "llama_ragged_snapshot_take",
     "llama_ragged_snapshot_restore",
     "llama_ragged_snapshot_bytes",
     "llama_ragged_snapshot_free",
+    "llama_ragged_snapshot_serialize",
+    "llama_ragged_snapshot_deserialize",
 )
 """Every function of the patch's C API bound here."""
 
@@ -496,14 +504,30 @@ class RaggedContext(Closing):
         """Floats written by :meth:`observe_flat` for the current lengths."""
         return self._call("llama_ragged_observe_size")
 
-    def observe_flat(self, n_window: int) -> np.ndarray:
+    def observe_flat(self, n_window: int, *, reduce: str = "sum") -> np.ndarray:
         """``llama_ragged_observe``'s buffer: layer by layer, query head by query head, each
-        query head a block of ``len`` (of its KV head) floats in row order."""
+        query head a block of ``len`` (of its KV head) floats in row order: the attention
+        probabilities of the last ``n_window`` queries summed over them (``reduce="sum"``), or
+        their maximum (``reduce="max"``, ``llama_ragged_observe_max``: context-reconstruction
+        scoring)."""
         n = self._window_arg(n_window)
+        if reduce not in ("sum", "max"):
+            raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+        fn = "llama_ragged_observe" if reduce == "sum" else "llama_ragged_observe_max"
         out = np.empty(self.observe_size(), dtype=np.float32)
-        self._call("llama_ragged_observe", n, self._ffi.cast("float *", out.ctypes.data),
-                   out.size)
+        self._call(fn, n, self._ffi.cast("float *", out.ctypes.data), out.size)
         return out
+
+    def set_n_window(self, n_window: int) -> None:
+        """Reallocate the window-query rings for ``n_window`` queries (0: none); the stored
+        queries are dropped (:meth:`window_available` is 0 until tokens are processed), rows
+        are kept. A failed allocation raises and leaves the context with no window queries."""
+        if not isinstance(n_window, int | np.integer) or not 0 <= n_window <= 65536:
+            raise ValueError(f"n_window must be an integer in [0, 65536], got {n_window!r}")
+        try:
+            self._call("llama_ragged_set_n_window", int(n_window))
+        finally:
+            self.n_window = self._call("llama_ragged_n_window")
 
     def observe(self, n_window: int) -> list[list[np.ndarray]]:
         """Window attention: ``res[il][h]`` is float32 ``[n_group, len_h]`` for KV head ``h``
@@ -560,6 +584,17 @@ class RaggedContext(Closing):
         if ptr == self._ffi.NULL:
             raise RaggedError(
                 f"llama_ragged_snapshot_take failed: {_last_error(self._ffi, self._lib)}", -4)
+        return RaggedSnapshot(self._ffi, self._lib, ptr, self._model)
+
+    def snapshot_from_bytes(self, data: bytes | bytearray | memoryview) -> RaggedSnapshot:
+        """A snapshot back from :meth:`RaggedSnapshot.to_bytes`; raises :class:`RaggedError`
+        on truncated, corrupted (checksum) or inconsistent bytes. Whether it fits this
+        context is checked by :meth:`restore`."""
+        self._alive()
+        buf = self._ffi.from_buffer(memoryview(data).cast("B"))
+        ptr = self._lib.llama_ragged_snapshot_deserialize(buf, len(buf))
+        if ptr == self._ffi.NULL:
+            raise RaggedError(_last_error(self._ffi, self._lib), -2)
         return RaggedSnapshot(self._ffi, self._lib, ptr, self._model)
 
     def restore(self, snap: RaggedSnapshot) -> None:
@@ -622,6 +657,18 @@ class RaggedSnapshot(Closing):
     def nbytes(self) -> int:
         """Host bytes held by the snapshot."""
         return int(self._lib.llama_ragged_snapshot_bytes(self._handle()))
+
+    def to_bytes(self) -> bytes:
+        """The snapshot as a self-contained, checksummed byte string (the patch's versioned
+        format; it does not record which model it came from: the caller does)."""
+        h = self._handle()
+        n = int(self._lib.llama_ragged_snapshot_serialize(h, self._ffi.NULL, 0))
+        if n == 0:
+            raise RaggedError(f"snapshot_serialize failed: {_last_error(self._ffi, self._lib)}",
+                              -4)
+        out = bytearray(n)
+        self._lib.llama_ragged_snapshot_serialize(h, self._ffi.from_buffer(out), n)
+        return bytes(out)
 
     def _handle(self) -> Any:
         if self._ptr is None:
