@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdaKVError, ContextOverflowError, ModelError, RuntimeBuildError
+from .errors import (
+    AdaKVError,
+    ContextOverflowError,
+    ModelError,
+    RuntimeBuildError,
+    SessionError,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,6 +28,7 @@ __all__ = [
     "LocalLLM",
     "ModelError",
     "RuntimeBuildError",
+    "SessionError",
     "__version__",
 ]
 

@@ -21,3 +21,8 @@ class RuntimeBuildError(AdaKVError):
 
 class ContextOverflowError(AdaKVError, ValueError):
     """A prompt (plus the tokens to generate) does not fit the context window."""
+
+
+class SessionError(AdaKVError):
+    """A session file that cannot be loaded here: damaged, or saved with another model,
+    runtime patch series, mode or Ada-KV configuration."""

@@ -408,6 +408,29 @@ class LocalLLM(Closing):
         cache = self._ada("compress()")
         return cache.compress(cache.config_for(policy, kv_budget, options), scores, n_obs)
 
+    # ------------------------------------------------------------------ sessions
+    def save_session(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write the KV cache and the conversation to ``path`` (atomically), so that
+        :meth:`load_session` in another process continues exactly where this one is. With a
+        budget the file holds the compressed cache (about the budget's size, not the
+        conversation's). Returns the file's metadata (``file_bytes`` among it)."""
+        from .cache import session
+
+        cache = self._open()
+        self._close_stream()
+        return session.save(cache, path, model_path=self.model_path)
+
+    def load_session(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Replace the cache with the session saved in ``path``; the next :meth:`chat` with the
+        conversation goes on as if the process had never stopped. Refused
+        (:class:`~adakv_local.SessionError`, cache unchanged) for a file of
+        another model, runtime patch series, mode or Ada-KV configuration, or a damaged one."""
+        from .cache import session
+
+        cache = self._open()
+        self._close_stream()
+        return session.load(cache, path, model_path=self.model_path)
+
     # ------------------------------------------------------------------ generation
     def _track(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         self._close_stream()

@@ -263,4 +263,21 @@ def make_sampler(*, temperature: float, top_p: float, top_k: int, min_p: float,
     return chain
 
 
+def state_seq_bytes(ctx: Any, seq_id: int = 0) -> bytes:
+    """llama.cpp's saved state of one sequence (its KV cells), as bytes."""
+    n = C.llama_state_seq_get_size(ctx, seq_id)
+    buf = (ctypes.c_uint8 * max(1, n))()
+    got = C.llama_state_seq_get_data(ctx, buf, n, seq_id)
+    if got != n:  # pragma: no cover - llama.cpp writes what it sized
+        raise AdaKVError(f"llama_state_seq_get_data wrote {got} of {n} bytes")
+    return ctypes.string_at(buf, n)
+
+
+def state_seq_load(ctx: Any, data: bytes, seq_id: int = 0) -> bool:
+    """Load :func:`state_seq_bytes`'s bytes into sequence ``seq_id``; False when llama.cpp
+    refuses them."""
+    buf = (ctypes.c_uint8 * max(1, len(data))).from_buffer_copy(data or b"\0")
+    return C.llama_state_seq_set_data(ctx, buf, len(data), seq_id) == len(data) and len(data) > 0
+
+
 __all__ = ["C", "llama_cpp"]

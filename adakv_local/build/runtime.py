@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import platform
 import re
@@ -52,6 +53,7 @@ BASE_CMAKE_ARGS = [
     "-DLLAMA_CURL=OFF",
 ]
 INSTALLED_KEY_FILE = "adakv_runtime_key.txt"
+INSTALLED_INFO_FILE = "adakv_runtime.json"  # what the installed runtime was built from
 
 
 def cache_dir() -> Path:
@@ -323,6 +325,8 @@ def ensure_runtime(*, force: bool = False, jobs: int | None = None) -> Path:
     cached = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
     if not force and cached and _installed_key() == key.digest:
         _log(f"runtime {key.digest} is installed and up to date")
+        if installed_runtime() is None:  # installed before the info file existed
+            _write_info(key)
         return cached[-1]
     if force or not cached:
         sdist = fetch_sdist()
@@ -345,7 +349,36 @@ def ensure_runtime(*, force: bool = False, jobs: int | None = None) -> Path:
     _log(f"installing {cached[-1].name} ({key.digest})")
     _install(cached[-1])
     (Path(sys.prefix) / INSTALLED_KEY_FILE).write_text(key.digest + "\n")
+    _write_info(key)
     return cached[-1]
+
+
+def _write_info(key: BuildKey) -> None:
+    (Path(sys.prefix) / INSTALLED_INFO_FILE).write_text(json.dumps({
+        "key": key.digest, "sdist_sha256": key.sdist_sha256,
+        "patches": [list(x) for x in key.patch_hashes],
+        "patch_series": patch_series_id(key.patch_hashes)}, indent=1) + "\n")
+
+
+def patch_series_id(patch_hashes: tuple[tuple[str, str], ...] | None = None) -> str:
+    """One hash for a patch series (names and contents, in order): what a session file
+    records as the runtime's patch version."""
+    if patch_hashes is None:
+        patch_hashes = tuple((p.name, _sha256(p)) for p in patch_series())
+    h = hashlib.sha256()
+    for name, sha in patch_hashes:
+        h.update(f"{name}:{sha}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def installed_runtime() -> dict[str, object] | None:
+    """What the installed patched runtime was built from (``patch_series``, ``key``, ...), as
+    recorded when it was installed; None when unknown (installed by an older version)."""
+    f = Path(sys.prefix) / INSTALLED_INFO_FILE
+    try:
+        return dict(json.loads(f.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
