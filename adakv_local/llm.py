@@ -24,6 +24,7 @@ from typing import Any
 
 from ._closing import Closing
 from .bindings import llama as R
+from .bindings import shared_model
 from .cache.adakv import AdaKVCache, AdaKVOptions, CacheSnapshot
 from .cache.base import KVCache
 from .cache.vanilla import VanillaCache
@@ -119,7 +120,7 @@ class LocalLLM(Closing):
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         R.init_backend(verbose)
 
-        self._model = R.load_model(self.model_path, n_gpu_layers)
+        self._model = shared_model.acquire(self.model_path, n_gpu_layers)  # ref-counted
         self._vocab = C.llama_model_get_vocab(self._model)
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
@@ -165,7 +166,7 @@ class LocalLLM(Closing):
             self._cache.close()
             self._cache = None
         if self._model is not None:
-            C.llama_model_free(self._model)
+            shared_model.release(self._model)  # freed when no other LocalLLM uses it
             self._model = None
 
     def __del__(self) -> None:
@@ -233,7 +234,7 @@ class LocalLLM(Closing):
         gen = self._generate(tokens, sp)
         name = str(self.model_path)
         if stream:
-            return self._track(responses.chat_chunks(gen, name))
+            return self._track(responses.chat_chunks(gen, name, self._usage.as_dict))
         return responses.chat_response(gen, name, self._usage.as_dict)
 
     def complete(
@@ -258,7 +259,7 @@ class LocalLLM(Closing):
         gen = self._generate(tokens, sp)
         name = str(self.model_path)
         if stream:
-            return self._track(responses.completion_chunks(gen, name))
+            return self._track(responses.completion_chunks(gen, name, self._usage.as_dict))
         return responses.completion_response(gen, name, self._usage.as_dict)
 
     def reset(self) -> None:

@@ -43,8 +43,10 @@ def chat_response(gen: Deltas, model: str, usage: Usage) -> dict[str, Any]:
     }
 
 
-def chat_chunks(gen: Deltas, model: str) -> Iterator[dict[str, Any]]:
-    """``chat.completion.chunk`` dicts: the role, each delta, then the finish reason."""
+def chat_chunks(gen: Deltas, model: str, usage: Usage | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """``chat.completion.chunk`` dicts: the role, each delta, then the finish reason (with
+    the request's ``usage`` when given, read once the generation has ended)."""
     cid, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -58,7 +60,7 @@ def chat_chunks(gen: Deltas, model: str) -> Iterator[dict[str, Any]]:
         if delta:
             yield chunk({"content": delta}, None)
         if fin is not None:
-            yield chunk({}, fin)
+            yield {**chunk({}, fin), **({"usage": usage()} if usage else {})}
 
 
 def completion_response(gen: Deltas, model: str, usage: Usage) -> dict[str, Any]:
@@ -74,12 +76,15 @@ def completion_response(gen: Deltas, model: str, usage: Usage) -> dict[str, Any]
     }
 
 
-def completion_chunks(gen: Deltas, model: str) -> Iterator[dict[str, Any]]:
-    """``text_completion`` chunks, one per delta (the last carries the finish reason)."""
+def completion_chunks(gen: Deltas, model: str, usage: Usage | None = None
+                      ) -> Iterator[dict[str, Any]]:
+    """``text_completion`` chunks, one per delta (the last carries the finish reason, and
+    the request's ``usage`` when given)."""
     cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
     for delta, fin in gen:
         if delta or fin is not None:
-            yield {"id": cid, "object": "text_completion", "created": created,
+            out = {"id": cid, "object": "text_completion", "created": created,
                    "model": model,
                    "choices": [{"text": delta, "index": 0, "logprobs": None,
                                 "finish_reason": fin}]}
+            yield {**out, "usage": usage()} if usage and fin is not None else out
