@@ -1,4 +1,4 @@
-"""The ``adakv-local`` command line: chat, demo, models."""
+"""The ``adakv-local`` command line: chat, demo, compare, eval, serve, models."""
 
 from __future__ import annotations
 
@@ -271,6 +271,23 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP server, one (Ada-KV) KV cache per conversation."""
+    from .serve import ServeConfig, run
+
+    opts: dict[str, Any] = dict(n_ctx=ns.n_ctx, n_threads=ns.threads,
+                                n_gpu_layers=ns.n_gpu_layers, seed=ns.seed, verbose=ns.verbose)
+    if ns.kv_budget is not None:
+        opts.update(policy=ns.policy, window=ns.window, floor_alpha=ns.floor_alpha,
+                    kernel=ns.kernel, pool_align=ns.pool_align, prefill=ns.prefill,
+                    chunk=ns.chunk)
+    run(ServeConfig(model=ns.model, kv_budget=ns.kv_budget, llm_options=opts, host=ns.host,
+                    port=ns.port, max_sessions=ns.max_sessions, session_dir=ns.session_dir,
+                    max_saved_sessions=ns.max_saved_sessions, model_id=ns.model_id,
+                    log_level=ns.log_level))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     ap = argparse.ArgumentParser(
@@ -351,6 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="llama.cpp's log")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, one KV cache per "
+                                     "conversation (base_url http://127.0.0.1:8000/v1)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-sessions", type=int, default=8,
+                   help="conversations held in memory at once; the least recently used "
+                        "is evicted (default 8)")
+    p.add_argument("--session-dir", default=None,
+                   help="where evicted sessions are saved (default: a temporary folder)")
+    p.add_argument("--max-saved-sessions", type=int, default=32,
+                   help="evicted sessions kept on disk; 0 drops them (default 32)")
+    p.add_argument("--model-id", default=None,
+                   help="the model id clients send (default: registry name or file name)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list or fetch registry models")
     p.add_argument("action", choices=["list", "fetch"])
