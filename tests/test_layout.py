@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "adakv_local"
 # lower number = lower layer; a module may import its own layer and the ones below
 LAYERS = {
     "errors": 0, "defaults": 0, "_closing": 0,
-    "bindings": 1, "build": 1, "models": 1,
+    "bindings": 1, "build": 1, "models": 1, "modelfile": 1,
     "cache": 2,
     "generation": 3,
     "llm": 4, "__init__": 4,

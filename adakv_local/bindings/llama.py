@@ -80,7 +80,13 @@ def clear_log() -> None:
 
 
 def load_model(path: Path, n_gpu_layers: int) -> Any:
-    """Load a GGUF model; raises ModelError with llama.cpp's reason on failure."""
+    """Load a GGUF model; raises ModelError with llama.cpp's reason on failure.
+
+    The header is checked first (:func:`~adakv_local.modelfile.check_model_file`): some
+    damaged files make llama.cpp abort the process instead of failing."""
+    from ..modelfile import check_model_file
+
+    check_model_file(path)
     params = C.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     clear_log()

@@ -243,6 +243,12 @@ class AdaKVCache(KVCache):
         if cfg.uses_scores:
             if scores is None:
                 scores = rc.observe_flat(n_obs)  # one graph for all layers
+                import numpy as np
+
+                if not np.isfinite(scores).all():
+                    raise ModelError("the model's attention scores are NaN or infinite (its "
+                                     "weights or hyper-parameters are damaged): Ada-KV cannot "
+                                     "rank rows; check the file, or run it without kv_budget")
             per_layer = split_layers(scores, lens, group)
         t1 = time.perf_counter()
         sels = [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)

@@ -56,7 +56,9 @@ class KVCache(Closing):
                  verbose: bool = False) -> None:
         self.ctx = ctx
         self.shape = shape
-        self.n_batch = n_batch
+        # llama.cpp lowers n_batch to n_ctx (before padding n_ctx to 256): a larger batch
+        # would fail its GGML_ASSERT(n_tokens_all <= n_batch) and abort the process
+        self.n_batch = min(n_batch, int(C.llama_n_batch(ctx)))
         self.n_vocab = n_vocab
         self.verbose = verbose
         self.n_ctx = int(C.llama_n_ctx(ctx))

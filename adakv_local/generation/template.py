@@ -35,8 +35,13 @@ class ChatTemplate:
                     f"{self._name} has no chat template in its GGUF metadata; "
                     "use complete() with your own prompt format"
                 )
-            self._formatter = Jinja2ChatFormatter(
-                template=self.template, eos_token=self._eos, bos_token=self._bos)
+            try:
+                self._formatter = Jinja2ChatFormatter(
+                    template=self.template, eos_token=self._eos, bos_token=self._bos)
+            except Exception as e:  # a damaged template does not compile
+                raise ModelError(
+                    f"the chat template in {self._name}'s GGUF metadata is invalid ({e}); "
+                    "use complete() with your own prompt format") from e
         try:
             return str(self._formatter(messages=msgs).prompt)
         except Exception as e:
