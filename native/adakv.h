@@ -17,7 +17,8 @@
  *               head g of KV head h at row r is scores[off_h + g*lens[h] + r] with
  *               off_h = n_q_per_kv * (lens[0] + ... + lens[h-1]). With equal lengths
  *               this is exactly a [n_q_head][len] array. Each value is the SUM over
- *               the n_obs window queries of their softmax attention to that row.
+ *               the n_obs window queries of their softmax attention to that row
+ *               (the kvzip policies: the MAX over the scoring queries, see below).
  *   pooled      scorer output: one float per scored row, heads concatenated
  *               (head h at offset n_0 + ... + n_{h-1}).
  *   B'          budget - window: scored rows a head keeps on average; B'_l for a
@@ -45,7 +46,11 @@ enum {
     ADAKV_POLICY_SNAPKV = 2,      /* SnapKV scorer, uniform B' per head              */
     ADAKV_POLICY_ADA_SNAPKV = 3,  /* SnapKV scorer, Ada-KV allocation               */
     ADAKV_POLICY_PYRAMID = 4,     /* SnapKV scorer, PyramidKV layer budget, uniform  */
-    ADAKV_POLICY_ADA_PYRAMID = 5  /* SnapKV scorer, PyramidKV layer budget, Ada-KV   */
+    ADAKV_POLICY_ADA_PYRAMID = 5, /* SnapKV scorer, PyramidKV layer budget, Ada-KV   */
+    ADAKV_POLICY_KVZIP = 6,       /* reconstruction (max) scorer, uniform B' per head */
+    ADAKV_POLICY_ADA_KVZIP = 7,   /* reconstruction scorer, Ada-KV in each layer      */
+    ADAKV_POLICY_ADA_KVZIP_GLOBAL = 8 /* reconstruction scorer, Ada-KV over all layers:
+                                   * adakv_global_grants + adakv_select_granted     */
 };
 
 /* Pooling along rows (odd kernel, stride 1, same padding; avg counts the padding). */
@@ -70,7 +75,7 @@ enum {
     ADAKV_ERR_POOLING = 6,     /* unknown pooling                                   */
     ADAKV_ERR_KERNEL = 7,      /* kernel even or < 1                                */
     ADAKV_ERR_GQA = 8,         /* unknown GQA aggregation                           */
-    ADAKV_ERR_N_LAYERS = 9,    /* pyramid policy with n_layers < 1                  */
+    ADAKV_ERR_N_LAYERS = 9,    /* pyramid or cross-layer policy with n_layers < 1   */
     ADAKV_ERR_BETA = 10,       /* pyramid policy with beta < 1                      */
     ADAKV_ERR_N_SINKS = 11,    /* n_sinks < 0                                       */
     ADAKV_ERR_LAYER = 12,      /* layer outside [0, n_layers) (pyramid policies)    */
@@ -80,7 +85,10 @@ enum {
     ADAKV_ERR_LENS = 16,       /* a negative length, or a total too large           */
     ADAKV_ERR_SCORES = 17,     /* a NaN or infinite score (input or aggregated)     */
     ADAKV_ERR_WORKSPACE = 18,  /* workspace smaller than adakv_workspace_size()     */
-    ADAKV_ERR_ALIGN = 19       /* unknown pooling alignment                         */
+    ADAKV_ERR_ALIGN = 19,      /* unknown pooling alignment                         */
+    ADAKV_ERR_GLOBAL = 20,     /* a cross-layer policy given to a one-layer selection, or
+                                * a one-layer policy to adakv_global_grants           */
+    ADAKV_ERR_GRANTS = 21      /* a negative grant                                      */
 };
 
 /* Policy configuration, shared by every layer of a model. */
@@ -167,7 +175,8 @@ int32_t adakv_score(const adakv_config *cfg, int32_t n_head_kv, int32_t n_q_per_
  *                   lens[h] (full). A head shorter than its grant keeps all it has.
  *   n_evicted       (may be NULL) total rows dropped in this layer; 0 means the
  *                   layer was under budget and everything is kept.
- * `pooled` and `workspace` may be NULL for the full and streaming policies. */
+ * `pooled` and `workspace` may be NULL for the full and streaming policies.
+ * ada-kvzip-global allocates across layers: ADAKV_ERR_GLOBAL (see adakv_global_grants). */
 int32_t adakv_select_scored(const adakv_config *cfg, int32_t layer, int32_t n_head_kv,
                             const int32_t *lens, const float *pooled,
                             void *workspace, size_t workspace_size,
@@ -176,12 +185,62 @@ int32_t adakv_select_scored(const adakv_config *cfg, int32_t layer, int32_t n_he
 
 /* Whole policy for one layer: adakv_score() then adakv_select_scored(), with the
  * same outputs. `scores` and `workspace` may be NULL for the full and streaming
- * policies. This is the entry point of the runtime: one call per layer. */
+ * policies. This is the entry point of the runtime: one call per layer (ADAKV_ERR_GLOBAL
+ * for ada-kvzip-global: adakv_score, adakv_global_grants, adakv_select_granted). */
 int32_t adakv_select_layer(const adakv_config *cfg, int32_t layer, int32_t n_head_kv,
                            int32_t n_q_per_kv, int32_t n_obs, const int32_t *lens,
                            const float *scores, void *workspace, size_t workspace_size,
                            int32_t *keep_counts, int32_t *keep_rows, int32_t *caps,
                            int64_t *n_evicted);
+
+/* --- Context-reconstruction scoring (KVzip-style; score_max.c, global.c) ------------
+ *
+ * The kvzip policies read MAX scores: for every query head and row, the largest
+ * softmax attention any scoring query gave the row (llama_ragged_observe_max over the
+ * queries of a reconstruction chunk -- the model teacher-forced to repeat the text it
+ * just read -- combined over chunks and compressions with adakv_max_accumulate). Their
+ * scorer takes the max over the query heads of each GQA group, does not divide by n_obs
+ * (which must still be >= 1) and does not pool: cfg->gqa, pooling, kernel and align are
+ * not read (the queries that copy a span attend to each of its rows themselves; pooling
+ * only spreads scores to rows no query needed, and measured worse). Allocation: uniform
+ * (kvzip), Ada-KV in each layer (ada-kvzip), or Ada-KV over all layers at once
+ * (ada-kvzip-global: adakv_global_grants, then adakv_select_granted per layer). */
+
+/* Running maximum of one layer's observations onto the rows held before they were made.
+ * KV head h has lens[h] rows in acc and obs_lens[h] >= lens[h] in obs (the same rows
+ * first, then rows added after them, e.g. a reconstruction chunk's); both are laid out
+ * as `scores` above (block h: [n_q_per_kv][len]). For every query head g and row
+ * r < lens[h]: acc = obs (init != 0) or max(acc, obs). A NaN or infinite value among the
+ * obs values read fails with ADAKV_ERR_SCORES and leaves acc unchanged. */
+int32_t adakv_max_accumulate(int32_t n_head_kv, int32_t n_q_per_kv, const int32_t *lens,
+                             const int32_t *obs_lens, const float *obs, int32_t init,
+                             float *acc);
+
+/* Bytes of workspace adakv_global_grants() needs for cfg->n_layers layers of n_head_kv
+ * heads with lengths lens[layer * n_head_kv + h] (0 if cfg or lens is invalid). */
+size_t adakv_global_workspace_size(const adakv_config *cfg, int32_t n_head_kv,
+                                   const int32_t *lens);
+
+/* Cross-layer Ada-KV allocation (policy ADAKV_POLICY_ADA_KVZIP_GLOBAL; n_layers =
+ * cfg->n_layers): `pooled` is the scorer output of every layer, layer after layer
+ * (adakv_score of layer l, adakv_n_scored floats each). count_{l,h} = how many of the
+ * top cfg->n_layers * n_head_kv * B' pooled scores of the whole model are head h of
+ * layer l's (ties: lower layer, then lower head, then lower row);
+ * grants[l * n_head_kv + h] = round(count_{l,h} * (1 - alpha) + int(alpha * B')) scored
+ * rows (float32, half to even, as adakv_select_scored). When the model's scored rows fit
+ * in n_layers * n_head_kv * B', every head is granted all of its scored rows. */
+int32_t adakv_global_grants(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
+                            const float *pooled, void *workspace, size_t workspace_size,
+                            int32_t *grants);
+
+/* Selection of one layer with given grants (scored rows per head, >= 0; any scored
+ * policy): head h keeps its top min(grants[h], n_h) pooled scores (ties: lower row) plus
+ * its window; caps[h] = max(keep_counts[h], grants[h] + window). Outputs as
+ * adakv_select_scored; the workspace is adakv_workspace_size()'s for this layer. */
+int32_t adakv_select_granted(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,
+                             const float *pooled, const int32_t *grants, void *workspace,
+                             size_t workspace_size, int32_t *keep_counts,
+                             int32_t *keep_rows, int32_t *caps, int64_t *n_evicted);
 
 /* CFFI-END */
 

@@ -38,6 +38,23 @@ static inline int32_t adakv__round_half_even(float v) {
     return i;
 }
 
+/* Policies whose scores are read (all but full and streaming). */
+static inline int adakv__needs_scores(int32_t policy) {
+    return policy != ADAKV_POLICY_FULL && policy != ADAKV_POLICY_STREAMING;
+}
+
+/* Policies with the Ada-KV allocation inside one layer. */
+static inline int adakv__is_ada(int32_t policy) {
+    return policy == ADAKV_POLICY_ADA_SNAPKV || policy == ADAKV_POLICY_ADA_PYRAMID ||
+           policy == ADAKV_POLICY_ADA_KVZIP;
+}
+
+/* Policies with the reconstruction (max) scorer. */
+static inline int adakv__is_kvzip(int32_t policy) {
+    return policy == ADAKV_POLICY_KVZIP || policy == ADAKV_POLICY_ADA_KVZIP ||
+           policy == ADAKV_POLICY_ADA_KVZIP_GLOBAL;
+}
+
 /* Validate the shape of a layer (cfg assumed valid). Returns a status code and,
  * through total_rows / total_scored / max_scored (each may be NULL), the sums. */
 int32_t adakv__check_shape(const adakv_config *cfg, int32_t n_head_kv, const int32_t *lens,

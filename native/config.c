@@ -16,7 +16,7 @@ const char *adakv_strerror(int32_t status) {
     case ADAKV_ERR_POOLING: return "pooling: unknown pooling";
     case ADAKV_ERR_KERNEL: return "kernel: must be odd and >= 1";
     case ADAKV_ERR_GQA: return "gqa: unknown GQA aggregation";
-    case ADAKV_ERR_N_LAYERS: return "n_layers: must be >= 1 for pyramid policies";
+    case ADAKV_ERR_N_LAYERS: return "n_layers: must be >= 1 for pyramid and cross-layer policies";
     case ADAKV_ERR_BETA: return "beta: must be >= 1";
     case ADAKV_ERR_N_SINKS: return "n_sinks: must be >= 0";
     case ADAKV_ERR_LAYER: return "layer: must be in [0, n_layers)";
@@ -27,6 +27,10 @@ const char *adakv_strerror(int32_t status) {
     case ADAKV_ERR_SCORES: return "scores: NaN or infinite value";
     case ADAKV_ERR_WORKSPACE: return "workspace: too small (see adakv_workspace_size)";
     case ADAKV_ERR_ALIGN: return "align: unknown pooling alignment";
+    case ADAKV_ERR_GLOBAL:
+        return "policy: ada-kvzip-global allocates across layers (adakv_global_grants, then "
+               "adakv_select_granted); the other policies select one layer at a time";
+    case ADAKV_ERR_GRANTS: return "grants: must be >= 0";
     default: return "unknown status code";
     }
 }
@@ -35,9 +39,14 @@ static int adakv__is_pyramid(int32_t policy) {
     return policy == ADAKV_POLICY_PYRAMID || policy == ADAKV_POLICY_ADA_PYRAMID;
 }
 
+/* policies that need cfg->n_layers */
+static int adakv__needs_layers(int32_t policy) {
+    return adakv__is_pyramid(policy) || policy == ADAKV_POLICY_ADA_KVZIP_GLOBAL;
+}
+
 int32_t adakv_check_config(const adakv_config *cfg) {
     if (!cfg) return ADAKV_ERR_NULL;
-    if (cfg->policy < ADAKV_POLICY_FULL || cfg->policy > ADAKV_POLICY_ADA_PYRAMID)
+    if (cfg->policy < ADAKV_POLICY_FULL || cfg->policy > ADAKV_POLICY_ADA_KVZIP_GLOBAL)
         return ADAKV_ERR_POLICY;
     if (cfg->window < 0) return ADAKV_ERR_WINDOW;
     if (cfg->budget < 1 || cfg->budget < cfg->window) return ADAKV_ERR_BUDGET;
@@ -49,7 +58,7 @@ int32_t adakv_check_config(const adakv_config *cfg) {
     if (cfg->align != ADAKV_ALIGN_CENTER && cfg->align != ADAKV_ALIGN_CAUSAL)
         return ADAKV_ERR_ALIGN;
     if (cfg->gqa != ADAKV_GQA_MEAN && cfg->gqa != ADAKV_GQA_MAX) return ADAKV_ERR_GQA;
-    if (adakv__is_pyramid(cfg->policy) && cfg->n_layers < 1) return ADAKV_ERR_N_LAYERS;
+    if (adakv__needs_layers(cfg->policy) && cfg->n_layers < 1) return ADAKV_ERR_N_LAYERS;
     if (cfg->beta < 1) return ADAKV_ERR_BETA;
     if (cfg->n_sinks < 0) return ADAKV_ERR_N_SINKS;
     return ADAKV_OK;

@@ -5,16 +5,10 @@
  * while the layer fits: for the uniform allocators a head with n_h <= B'_l keeps all,
  * for Ada-KV a layer with sum_h n_h <= n_head_kv * B'_l keeps all (with equal lengths
  * both reduce to the official "skip when B' >= len - window").
+ * The kvzip policies are the same allocators on the reconstruction scorer's output;
+ * ada-kvzip-global allocates across layers (global.c).
  */
 #include "adakv_internal.h"
-
-static int adakv__needs_scores(int32_t policy) {
-    return policy != ADAKV_POLICY_FULL && policy != ADAKV_POLICY_STREAMING;
-}
-
-static int adakv__is_ada(int32_t policy) {
-    return policy == ADAKV_POLICY_ADA_SNAPKV || policy == ADAKV_POLICY_ADA_PYRAMID;
-}
 
 /* Write rows [lo, hi) to out; returns the count. */
 static int32_t adakv__range(int32_t lo, int32_t hi, int32_t *out) {
@@ -122,6 +116,7 @@ static int32_t adakv__prepare(const adakv_config *cfg, int32_t layer, int32_t n_
     st = adakv__check_shape(cfg, n_head_kv, lens, NULL, scored, NULL);
     if (st != ADAKV_OK) return st;
     if (!keep_counts || !keep_rows || !caps) return ADAKV_ERR_NULL;
+    if (cfg->policy == ADAKV_POLICY_ADA_KVZIP_GLOBAL) return ADAKV_ERR_GLOBAL;
     return adakv_layer_budget(cfg, layer, n_head_kv, lens, bl);
 }
 

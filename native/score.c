@@ -1,5 +1,7 @@
 /*
- * score.c -- the SnapKV scorer: window-attention mean, GQA aggregation, pooling.
+ * score.c -- the SnapKV scorer: window-attention mean, GQA aggregation, pooling; and the
+ * same steps for the reconstruction scorer of the kvzip policies (identity instead of
+ * the mean, max over the group; score_max.c).
  *
  * Follows the official Ada-KV code (AdaptiveSnapKVCluster.calcul_attn_sore): mean of
  * the window queries' attention over the non-window rows, then (GQA support) mean of
@@ -233,6 +235,13 @@ int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n
                            int32_t n_obs, const int32_t *lens, const float *scores,
                            float *tmp, float *t1, float *t2, float *pooled, uint32_t *keys) {
     size_t in_off = 0, out_off = 0;
+    /* the reconstruction scorer (kvzip policies, see score_max.c): its inputs are maxima
+     * over the scoring queries, not window sums: no mean, the max over the group, and no
+     * pooling (kernel 1) */
+    const int kvzip = adakv__is_kvzip(cfg->policy);
+    const int32_t gqa = kvzip ? ADAKV_GQA_MAX : cfg->gqa;
+    const int32_t obs = kvzip ? 1 : n_obs;
+    const int32_t kernel = kvzip ? 1 : cfg->kernel;
     for (int32_t h = 0; h < n_head_kv; h++) {
         const int32_t len = lens[h];
         const int32_t n = len - adakv__win(cfg, len);
@@ -244,10 +253,10 @@ int32_t adakv__score_heads(const adakv_config *cfg, int32_t n_head_kv, int32_t n
             if (adakv__nonfinite(blk + (size_t)g * (size_t)len + n, (size_t)(len - n)))
                 return ADAKV_ERR_SCORES;
         if (n > 0) {
-            float *agg = (cfg->kernel == 1 && pf) ? pf : tmp;
-            if (adakv__aggregate(blk, (size_t)len, n, n_q_per_kv, cfg->gqa, n_obs, agg))
+            float *agg = (kernel == 1 && pf) ? pf : tmp;
+            if (adakv__aggregate(blk, (size_t)len, n, n_q_per_kv, gqa, obs, agg))
                 return ADAKV_ERR_SCORES;
-            if (cfg->kernel == 1) {
+            if (kernel == 1) {
                 if (pk) {
                     int32_t r = 0;
                     for (; r + ADAKV_BLK <= n; r += ADAKV_BLK)

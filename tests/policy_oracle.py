@@ -26,6 +26,17 @@ changes, each needed to make it an exact, deterministic reference:
   at equality the official code would run the blend and may drop a row per head to
   rounding).
 * ``n_layers == 1`` uses ``B'`` (the official schedule divides by ``n_layers - 1``).
+
+The kvzip policies (ours, after KVzip, snu-mllab/KVzip ``attention/score.py`` and
+``attention/kvcache.py``): scores are maxima over the reconstruction queries, reduced by
+``amax`` over the query heads of each group (KVzip: ``attn_weights.amax(dim=(-3, -2))``),
+not pooled; ``kvzip`` / ``ada-kvzip`` are the uniform and Ada-KV selections above on those
+scores; ``ada-kvzip-global`` (:func:`oracle_global`) is KVzip's model-wide ranking
+(``_threshold``: one sort of every score of every layer and head) turned into per-head
+counts and blended with Ada-KV's floor, each head keeping its top count plus its window.
+KVzip keeps the pairs whose score is strictly above the threshold value; here the top K
+with stable ties (lower layer, head, row), which is the same set when there is no tie at
+the threshold.
 """
 
 from __future__ import annotations
@@ -35,7 +46,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OracleResult", "oracle_layer_budget", "oracle_pooled", "oracle_select"]
+__all__ = ["OracleResult", "oracle_global", "oracle_kvzip_pooled", "oracle_layer_budget",
+           "oracle_pooled", "oracle_select"]
+
+KVZIP = ("kvzip", "ada-kvzip", "ada-kvzip-global")
 
 
 @dataclass
@@ -102,6 +116,16 @@ def oracle_pooled(
     return out
 
 
+def oracle_kvzip_pooled(blocks: list[torch.Tensor], window: int) -> list[torch.Tensor]:
+    """The reconstruction scorer: per KV head block [G, len_h] (per-query-head maxima over
+    the scoring queries) -> the max over the group, scored rows only [n_h]."""
+    out = []
+    for blk in blocks:
+        n = blk.shape[1] - _win(window, blk.shape[1])
+        out.append(blk[:, :n].to(torch.float32).amax(dim=0) if blk.shape[0] else blk[0, :n])
+    return out
+
+
 def oracle_layer_budget(
     policy: str, budget: int, window: int, layer: int, n_layers: int | None, beta: int,
     max_scored: int,
@@ -163,6 +187,12 @@ def oracle_select(
                 keep.append(list(range(sinks)) + list(range(n - (budget - sinks), n)))
         return OracleResult(keep, [budget] * n_kv, any(n > budget for n in lens))
 
+    if policy in KVZIP:  # the reconstruction scorer, then the same allocators
+        if policy == "ada-kvzip-global":
+            raise ValueError("ada-kvzip-global allocates across layers: oracle_global")
+        if pooled is None:
+            pooled = oracle_kvzip_pooled(blocks, window)
+        policy = {"kvzip": "snapkv", "ada-kvzip": "ada-snapkv"}[policy]
     if pooled is None:
         pooled = oracle_pooled(blocks, window, n_obs, gqa, pooling, kernel, align)
     bl = oracle_layer_budget(policy, budget, window, layer, n_layers, beta, max(ns))
@@ -220,3 +250,45 @@ def oracle_select(
         keep.append(rows)
         caps.append(max(len(rows), cap + wins[h]))
     return OracleResult(keep, caps, True)
+
+
+def oracle_global(
+    layers: list[list[torch.Tensor]], *, budget: int, window: int, floor_alpha: float,
+) -> list[OracleResult]:
+    """``ada-kvzip-global`` over the whole model; ``layers[l][h]`` is KV head h of layer
+    l's block [G, len_h] of maxima. One ranking of every scored row of every layer and head
+    (KVzip's pair-level threshold, stable ties), per-head counts, Ada-KV's floor blend."""
+    pooled = [oracle_kvzip_pooled(blocks, window) for blocks in layers]
+    lens = [[int(b.shape[1]) for b in blocks] for blocks in layers]
+    ns = [[n - _win(window, n) for n in ls] for ls in lens]
+    n_layers, n_kv = len(layers), len(layers[0])
+    bl = budget - window
+    k = n_layers * n_kv * bl
+    total = sum(sum(x) for x in ns)
+    if total <= k:  # the model fits: nothing evicted
+        grants = [list(x) for x in ns]
+    else:
+        length = max(max(x) for x in ns)
+        score = torch.full((n_layers * n_kv, length), float("-inf"), dtype=torch.float32)
+        for il in range(n_layers):
+            for h in range(n_kv):
+                score[il * n_kv + h, : ns[il][h]] = pooled[il][h]
+        # per-head descending sort, then one flattened ranking (as Ada-KV's update_kv_gqa)
+        srt = score.sort(dim=-1, descending=True, stable=True).values
+        top = torch.sort(srt.reshape(-1), descending=True, stable=True).indices[:k]
+        counts = torch.zeros(n_layers * n_kv, dtype=torch.int64)
+        counts.scatter_add_(0, top // length, torch.ones_like(top))
+        floor_capacity = int(bl * floor_alpha)
+        caps = torch.round(counts * (1 - floor_alpha) + floor_capacity).int()
+        grants = [[int(caps[il * n_kv + h]) for h in range(n_kv)] for il in range(n_layers)]
+    out = []
+    for il in range(n_layers):
+        keep, capl = [], []
+        for h in range(n_kv):
+            take = min(grants[il][h], ns[il][h])
+            idx = _stable_top(pooled[il][h], take)
+            keep.append(sorted(idx.tolist()) + list(range(ns[il][h], lens[il][h])))
+            capl.append(max(len(keep[-1]), grants[il][h] + _win(window, lens[il][h])))
+        out.append(OracleResult(keep, capl, any(len(kp) < n for kp, n in
+                                                 zip(keep, lens[il], strict=True))))
+    return out

@@ -466,7 +466,7 @@ def _c_config(**kw: int | float) -> object:
 
 
 @pytest.mark.parametrize("field,value,code", [
-    ("policy", 6, "ADAKV_ERR_POLICY"), ("policy", -1, "ADAKV_ERR_POLICY"),
+    ("policy", 9, "ADAKV_ERR_POLICY"), ("policy", -1, "ADAKV_ERR_POLICY"),
     ("budget", 3, "ADAKV_ERR_BUDGET"), ("window", -2, "ADAKV_ERR_WINDOW"),
     ("floor_alpha", 1.01, "ADAKV_ERR_ALPHA"), ("floor_alpha", float("nan"), "ADAKV_ERR_ALPHA"),
     ("pooling", 2, "ADAKV_ERR_POOLING"), ("kernel", 2, "ADAKV_ERR_KERNEL"),

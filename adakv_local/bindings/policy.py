@@ -53,15 +53,20 @@ __all__ = [
     "POLICIES",
     "POOLINGS",
     "POOL_ALIGNS",
+    "KVZIP_POLICIES",
     "KeptMass",
     "PolicyConfig",
     "Selection",
+    "accumulate_max",
+    "global_grants",
     "kept_mass",
     "kept_mass_layers",
     "pooled_scores",
     "select",
     "select_flat",
+    "select_granted",
     "select_layers",
+    "select_model",
     "select_pooled",
 ]
 
@@ -72,8 +77,16 @@ POLICIES: dict[str, int] = {
     "ada-snapkv": lib.ADAKV_POLICY_ADA_SNAPKV,
     "pyramid": lib.ADAKV_POLICY_PYRAMID,
     "ada-pyramid": lib.ADAKV_POLICY_ADA_PYRAMID,
+    "kvzip": lib.ADAKV_POLICY_KVZIP,
+    "ada-kvzip": lib.ADAKV_POLICY_ADA_KVZIP,
+    "ada-kvzip-global": lib.ADAKV_POLICY_ADA_KVZIP_GLOBAL,
 }
 """Policy names and their C codes."""
+
+KVZIP_POLICIES: tuple[str, ...] = ("kvzip", "ada-kvzip", "ada-kvzip-global")
+"""Policies with the context-reconstruction scorer (KVzip-style): their scores are MAXIMA
+over scoring queries (``observe_flat(..., reduce="max")`` of a reconstruction, combined with
+:func:`accumulate_max`), not window sums; see :class:`PolicyConfig`."""
 
 POOLINGS: dict[str, int] = {"max": lib.ADAKV_POOL_MAX, "avg": lib.ADAKV_POOL_AVG}
 """Pooling names (along rows, odd kernel, stride 1, same padding)."""
@@ -86,8 +99,9 @@ high score inherit it, so the continuation of an attended span is kept)."""
 GQA_MODES: dict[str, int] = {"mean": lib.ADAKV_GQA_MEAN, "max": lib.ADAKV_GQA_MAX}
 """How the query heads of one GQA group are aggregated into one score per KV-head row."""
 
-_SCORED = frozenset({"snapkv", "ada-snapkv", "pyramid", "ada-pyramid"})
+_SCORED = frozenset({"snapkv", "ada-snapkv", "pyramid", "ada-pyramid", *KVZIP_POLICIES})
 _PYRAMID = frozenset({"pyramid", "ada-pyramid"})
+_GLOBAL = frozenset({"ada-kvzip-global"})
 _INT32_MAX = 2**31 - 1
 
 ScoresLike = np.ndarray | Sequence[np.ndarray]
@@ -142,7 +156,12 @@ class PolicyConfig:
     Attributes:
         policy: one of :data:`POLICIES`: ``full``, ``streaming`` (``n_sinks`` first rows +
             most recent), ``snapkv`` (uniform), ``ada-snapkv`` (Ada-KV), ``pyramid`` and
-            ``ada-pyramid`` (PyramidKV per-layer budgets, then uniform / Ada-KV).
+            ``ada-pyramid`` (PyramidKV per-layer budgets, then uniform / Ada-KV); with the
+            context-reconstruction scorer (scores are maxima over the scoring queries, the
+            group's query heads are combined by their max, ``gqa`` is not read):
+            ``kvzip`` (uniform), ``ada-kvzip`` (Ada-KV in each layer) and
+            ``ada-kvzip-global`` (Ada-KV over all heads of all layers at once, so layers
+            keep different numbers of rows; select with :func:`select_model`).
         budget: rows per KV head on average, window included (``>= window``, ``>= 1``).
         window: observation window: the last ``window`` rows of every head, always kept.
         floor_alpha: Ada-KV safeguard ``alpha`` in [0, 1]: every head keeps at least
@@ -150,7 +169,7 @@ class PolicyConfig:
         pooling: ``max`` or ``avg`` (avg counts the zero padding, like torch's default).
         kernel: odd pooling kernel >= 1 (``1``: no pooling).
         gqa: ``mean`` or ``max`` over the query heads of a group.
-        n_layers: number of layers; required by the pyramid policies.
+        n_layers: number of layers; required by the pyramid and cross-layer policies.
         beta: PyramidKV steepness (``min = B' // beta``).
         n_sinks: StreamingLLM attention sinks.
         pool_align: ``center`` (official) or ``causal`` pooling window, see
@@ -198,7 +217,7 @@ class PolicyConfig:
             raise ValueError(f"pool_align: unknown alignment {self.pool_align!r}; expected "
                              f"one of {sorted(POOL_ALIGNS)}")
         n_layers = None if self.n_layers is None else _int("n_layers", self.n_layers, 1)
-        if self.policy in _PYRAMID and n_layers is None:
+        if (self.policy in _PYRAMID or self.policy in _GLOBAL) and n_layers is None:
             raise ValueError(f"n_layers: required by policy {self.policy!r}")
         beta = _int("beta", self.beta, 1)
         n_sinks = _int("n_sinks", self.n_sinks, 0)
@@ -220,6 +239,18 @@ class PolicyConfig:
     def uses_scores(self) -> bool:
         """Whether the policy reads the scores (all but ``full`` and ``streaming``)."""
         return self.policy in _SCORED
+
+    @property
+    def score_reduce(self) -> str:
+        """How the policy's scores reduce over the scoring queries: ``max`` (the kvzip
+        policies, ``observe_flat(reduce="max")``) or ``sum`` (the window sums)."""
+        return "max" if self.policy in KVZIP_POLICIES else "sum"
+
+    @property
+    def allocates_across_layers(self) -> bool:
+        """Whether the budget moves across layers (``ada-kvzip-global``): select all layers
+        together with :func:`select_model`."""
+        return self.policy in _GLOBAL
 
     def layer_budget(self, layer: int, lens: Sequence[int] | np.ndarray) -> int:
         """Per-head scored-row budget ``B'_l`` of ``layer`` for heads of lengths ``lens``.
@@ -593,3 +624,190 @@ def kept_mass_layers(
                          f"{len(scores_by_layer)}")
     pairs = zip(scores_by_layer, selections, strict=True)
     return [kept_mass(s, sel, n_q_per_kv) for s, sel in pairs]
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+def _groups(n_q_per_kv: int | Sequence[int], n_layers: int) -> list[int]:
+    if isinstance(n_q_per_kv, Sequence):
+        if len(n_q_per_kv) != n_layers:
+            raise ValueError(f"n_q_per_kv: {len(n_q_per_kv)} values for {n_layers} layers")
+        return [_int("n_q_per_kv", g, 1) for g in n_q_per_kv]
+    return [_int("n_q_per_kv", n_q_per_kv, 1)] * n_layers
+
+
+def accumulate_max(
+    acc: np.ndarray | None,
+    obs: np.ndarray,
+    lens: Sequence[Sequence[int] | np.ndarray],
+    obs_lens: Sequence[Sequence[int] | np.ndarray],
+    n_q_per_kv: int | Sequence[int],
+) -> np.ndarray:
+    """Fold one observation into a running maximum over the rows held before it was made.
+
+    Args:
+        acc: the running maximum (flat float32, the :meth:`RaggedContext.observe_flat`
+            layout of the rows ``lens``), updated in place; ``None`` starts one (a copy of
+            the observation's rows).
+        obs: an ``observe_flat(..., reduce="max")`` buffer of the rows ``obs_lens``, whose
+            first ``lens[il][h]`` rows in every head are the held rows (rows added after
+            them, e.g. a reconstruction chunk's, come last).
+        lens, obs_lens: per layer, rows per KV head (held / observed).
+        n_q_per_kv: query heads per KV head (one int, or one per layer).
+
+    Returns ``acc`` (or the new array). The maximum is exact, so the result equals
+    ``np.maximum`` over the observations' held rows bit for bit.
+    """
+    n_layers = len(lens)
+    if len(obs_lens) != n_layers:
+        raise ValueError(f"obs_lens: {len(obs_lens)} layers but lens has {n_layers}")
+    groups = _groups(n_q_per_kv, n_layers)
+    la = [_lens(x) for x in lens]
+    oa = [_lens(x) for x in obs_lens]
+    need = sum(g * int(x.sum()) for g, x in zip(groups, la, strict=True))
+    need_obs = sum(g * int(x.sum()) for g, x in zip(groups, oa, strict=True))
+    o = np.asarray(obs)
+    if o.dtype != np.float32 or o.ndim != 1 or o.size != need_obs:
+        raise ValueError(f"obs: expected {need_obs} float32 values (1-D), got "
+                         f"{o.dtype} {o.shape}")
+    o = np.ascontiguousarray(o)
+    init = acc is None
+    if acc is None:
+        acc = np.empty(need, dtype=np.float32)
+    elif (not isinstance(acc, np.ndarray) or acc.dtype != np.float32 or acc.shape != (need,)
+          or not acc.flags.c_contiguous):
+        raise ValueError(f"acc: expected a contiguous float32 array of {need} values")
+    op = _ptr("float *", o) if o.size else ffi.new("float[1]")
+    ap = _ptr("float *", acc) if acc.size else ffi.new("float[1]")
+    off_o = off_a = 0
+    for il in range(n_layers):
+        if len(la[il]) != len(oa[il]):
+            raise ValueError(f"lens: layer {il} has {len(la[il])} heads, obs_lens "
+                             f"{len(oa[il])}")
+        _check(lib.adakv_max_accumulate(len(la[il]), groups[il], _ptr("int32_t *", la[il]),
+                                        _ptr("int32_t *", oa[il]), op + off_o, int(init),
+                                        ap + off_a))
+        off_o += groups[il] * int(oa[il].sum())
+        off_a += groups[il] * int(la[il].sum())
+    return acc
+
+
+def _pooled_flat(cfg: PolicyConfig, flat: np.ndarray, lens: np.ndarray, g: int,
+                 obs: int) -> np.ndarray:
+    """The scorer's output for one layer (flat, adakv_n_scored floats)."""
+    lens_p = _ptr("int32_t *", lens)
+    n_scored = int(lib.adakv_n_scored(cfg._c, len(lens), lens_p))
+    out = np.empty(max(n_scored, 1), dtype=np.float32)
+    ws = _workspace(int(lib.adakv_workspace_size(cfg._c, len(lens), lens_p)))
+    sp = _ptr("float *", flat) if flat.size else ffi.new("float[1]")
+    _check(lib.adakv_score(cfg._c, len(lens), g, obs, lens_p, sp, ffi.from_buffer(ws),
+                           ws.nbytes, _ptr("float *", out)))
+    return out[:n_scored]
+
+
+def global_grants(config: PolicyConfig, pooled_by_layer: Sequence[np.ndarray],
+                  lens_by_layer: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
+    """Cross-layer Ada-KV allocation (``ada-kvzip-global``): per layer and KV head, the
+    scored rows granted (int32 ``[n_layers, n_head_kv]``), from every layer's pooled scores
+    (flat, :func:`pooled_scores` concatenated per layer). See ``adakv_global_grants``."""
+    if not isinstance(config, PolicyConfig) or not config.allocates_across_layers:
+        raise ValueError("config: global_grants needs a cross-layer policy "
+                         "(ada-kvzip-global)")
+    n_layers = config.n_layers or 0
+    if len(lens_by_layer) != n_layers or len(pooled_by_layer) != n_layers:
+        raise ValueError(f"expected {n_layers} layers of lens and pooled scores, got "
+                         f"{len(lens_by_layer)} and {len(pooled_by_layer)}")
+    la = [_lens(x) for x in lens_by_layer]
+    n_kv = len(la[0])
+    if any(len(x) != n_kv for x in la):
+        raise ValueError("lens: every layer must have the same number of KV heads")
+    lens_all = np.ascontiguousarray(np.concatenate(la), dtype=np.int32)
+    n = lens_all - np.minimum(lens_all, config.window)
+    flat = np.ascontiguousarray(np.concatenate([np.asarray(p, dtype=np.float32).reshape(-1)
+                                                for p in pooled_by_layer]), dtype=np.float32)
+    if flat.size != int(n.sum()):
+        raise ValueError(f"pooled: expected {int(n.sum())} scores (rows before the window), "
+                         f"got {flat.size}")
+    lp = _ptr("int32_t *", lens_all)
+    ws = _workspace(int(lib.adakv_global_workspace_size(config._c, n_kv, lp)))
+    grants = np.empty(n_layers * n_kv, dtype=np.int32)
+    fp = _ptr("float *", flat) if flat.size else ffi.new("float[1]")
+    _check(lib.adakv_global_grants(config._c, n_kv, lp, fp, ffi.from_buffer(ws), ws.nbytes,
+                                   _ptr("int32_t *", grants)))
+    return grants.reshape(n_layers, n_kv)
+
+
+def select_granted(config: PolicyConfig, layer: int, pooled: np.ndarray,
+                   lens: Sequence[int] | np.ndarray, grants: Sequence[int] | np.ndarray
+                   ) -> Selection:
+    """Selection of one layer with given per-head grants (scored rows, window excluded):
+    head ``h`` keeps its top ``min(grants[h], n_h)`` pooled scores and its window.
+    ``pooled``: the layer's scorer output, flat (heads one after the other)."""
+    if not isinstance(config, PolicyConfig):
+        raise ValueError(f"config: expected a PolicyConfig, got {type(config).__name__}")
+    lens_a = _lens(lens)
+    layer = _layer(config, layer)
+    g = np.ascontiguousarray(grants, dtype=np.int64)
+    if g.shape != (len(lens_a),):
+        raise ValueError(f"grants: expected {len(lens_a)} values, got shape {g.shape}")
+    if (g < 0).any() or (g > _INT32_MAX).any():
+        raise ValueError("grants: must be in [0, 2^31)")
+    g32 = g.astype(np.int32)
+    flat = np.ascontiguousarray(np.asarray(pooled, dtype=np.float32).reshape(-1))
+    n = lens_a - np.minimum(lens_a, config.window)
+    if flat.size != int(n.sum()):
+        raise ValueError(f"pooled: expected {int(n.sum())} scores, got {flat.size}")
+    pp = _ptr("float *", flat) if flat.size else ffi.new("float[1]")
+
+    def call(lens_p: Any, ws: Any, ws_n: int, counts: Any, rows: Any, caps: Any, ev: Any) -> int:
+        return lib.adakv_select_granted(config._c, len(lens_a), lens_p, pp,
+                                        _ptr("int32_t *", g32), ws, ws_n, counts, rows, caps,
+                                        ev)
+
+    return _run(config, layer, lens_a, call)
+
+
+def select_model(
+    config: PolicyConfig,
+    scores: np.ndarray | None,
+    lens_by_layer: Sequence[Sequence[int] | np.ndarray],
+    n_q_per_kv: int,
+    *,
+    n_obs: int | None = None,
+) -> list[Selection]:
+    """Select the rows of every layer from one flat observation of all layers (the
+    :meth:`RaggedContext.observe_flat` layout); the entry point of the controller.
+
+    Layer-local policies select each layer on its own (:func:`select_flat`);
+    ``ada-kvzip-global`` scores every layer, allocates across layers
+    (:func:`global_grants`) and selects each layer with its grants.
+    """
+    if not isinstance(config, PolicyConfig):
+        raise ValueError(f"config: expected a PolicyConfig, got {type(config).__name__}")
+    g = _int("n_q_per_kv", n_q_per_kv, 1)
+    n_layers = len(lens_by_layer)
+    if scores is None:
+        if config.uses_scores:
+            raise ValueError(f"scores: required by policy {config.policy!r}")
+        return [select_flat(config, il, None, lens_by_layer[il], g)
+                for il in range(n_layers)]
+    flat = np.asarray(scores)
+    need = g * sum(int(np.sum(x)) for x in lens_by_layer)
+    if flat.ndim != 1 or flat.size != need:
+        raise ValueError(f"scores: expected n_q_per_kv * sum(lens) = {need} values, got "
+                         f"shape {flat.shape}")
+    bounds = np.cumsum([0] + [g * int(np.sum(x)) for x in lens_by_layer])
+    per_layer = [flat[bounds[il]:bounds[il + 1]] for il in range(n_layers)]
+    if not config.allocates_across_layers:
+        return [select_flat(config, il, per_layer[il], lens_by_layer[il], g, n_obs=n_obs)
+                for il in range(n_layers)]
+    obs = _n_obs(config, n_obs)
+    la = [_lens(x) for x in lens_by_layer]
+    pooled = []
+    for il in range(n_layers):
+        f, _ = _flat(per_layer[il], la[il], g)
+        pooled.append(_pooled_flat(config, f, la[il], g, obs))
+    grants = global_grants(config, pooled, la)
+    return [select_granted(config, il, pooled[il], la[il], grants[il])
+            for il in range(n_layers)]
