@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,10 +31,11 @@ from .cache.base import KVCache
 from .cache.vanilla import VanillaCache
 from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .errors import AdaKVError, ContextOverflowError
-from .generation import responses
+from .generation import responses, serial
 from .generation.loop import Usage, generate
-from .generation.params import Message, Sampling, check_sampling
+from .generation.params import Message, Sampling, check_llm_args, check_sampling, check_tokens
 from .generation.template import ChatTemplate
+from .generation.window import ConversationWindow
 from .models import resolve_model
 
 C = R.C
@@ -41,8 +43,10 @@ C = R.C
 __all__ = ["CacheSnapshot", "LocalLLM"]
 
 
+@serial.serialized(locked=serial.LOCALLLM_LOCKED, ending=serial.LOCALLLM_ENDING)
 class LocalLLM(Closing):
-    """A local GGUF model with an (optionally) Ada-KV-compressed KV cache.
+    """A local GGUF model with an (optionally) Ada-KV-compressed KV cache. Thread-safe, and
+    usable after any exception, KeyboardInterrupt included (generation/serial.py).
 
     Args:
         model: path to a ``.gguf`` file or a registry name (``adakv-local models list``);
@@ -70,6 +74,8 @@ class LocalLLM(Closing):
             budget (using the latest tokens as the window) or ``grow`` the cache.
         headroom: free rows per head left after each compression, so that decoding
             compresses once every ``headroom`` tokens rather than at every token.
+        overflow: a chat longer than ``n_ctx``: ``error`` (ContextOverflowError) or
+            ``drop_oldest`` (drop its oldest turns; generation/window.py).
     """
 
     def __init__(
@@ -93,25 +99,21 @@ class LocalLLM(Closing):
         chunk: int = 2048,
         on_full: str = "compress",
         headroom: int = 64,
+        overflow: str = "error",
     ) -> None:
+        self._lock = threading.RLock()
+        self._window = ConversationWindow(overflow, n_ctx)
         self._cache: KVCache | None = None
         self._model: Any = None
-        self._stream: Iterator[Any] | None = None
+        self._stream: serial.Stream | None = None
         opts = AdaKVOptions(policy=policy, window=window, floor_alpha=floor_alpha,
                             pooling=pooling, kernel=kernel, pool_align=pool_align,
                             prefill=prefill, chunk=chunk, on_full=on_full, headroom=headroom)
         opts.check_budget(kv_budget)  # before any work
         self.prefill_mode, self.chunk, self.on_full, self.headroom = (
             prefill, chunk, on_full, headroom)
-        for name, val, lo in (("n_ctx", n_ctx, 16), ("n_batch", n_batch, 1)):
-            if not isinstance(val, int) or val < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
-            raise ValueError(f"n_threads must be a positive integer, got {n_threads!r}")
-        if not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
-            raise ValueError(f"n_gpu_layers must be -1 (all) or >= 0, got {n_gpu_layers!r}")
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        check_llm_args(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                       n_gpu_layers=n_gpu_layers, seed=seed, kv_budget=kv_budget)
 
         self.model_path: Path = resolve_model(model)
         self.kv_budget = kv_budget
@@ -146,7 +148,7 @@ class LocalLLM(Closing):
             raise
         self.policy_config: Any = (self._cache.config if isinstance(self._cache, AdaKVCache)
                                    else None)
-        self.n_ctx = self._cache.n_ctx
+        self.n_ctx = self._window.n_ctx = self._cache.n_ctx
         self.n_batch = n_batch
         self._usage = Usage()
 
@@ -178,15 +180,13 @@ class LocalLLM(Closing):
     def _open(self) -> KVCache:
         if self._cache is None:
             raise AdaKVError("this LocalLLM is closed; create a new one")
+        self._cache.settle()  # history and memory agree, whatever interrupted the last call
         return self._cache
 
-    def _close_stream(self) -> None:
+    def _close_stream(self, by: str = "close") -> None:
         if self._stream is not None:
-            try:
-                self._stream.close()  # type: ignore[attr-defined]
-            except Exception:  # pragma: no cover
-                pass
-            self._stream = None
+            self._stream.close(serial.ended_by(by))  # a no-op for a stream that ended
+        self._stream = None
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -225,9 +225,9 @@ class LocalLLM(Closing):
         already in the cache are reused; only the new suffix is prefilled.
         """
         self._open()
-        prompt = self.format_chat(messages)
         sp = check_sampling(max_tokens, temperature, top_p, top_k, min_p, stop, seed, self.seed)
-        tokens = R.tokenize(self._vocab, prompt, add_special=False, parse_special=True)
+        tokens = self._window.fit(messages, sp.max_tokens, lambda m: R.tokenize(
+            self._vocab, self.format_chat(m), add_special=False, parse_special=True))
         eos_text = R.token_text(self._vocab, self._eos) if self._eos >= 0 else ""
         if eos_text and eos_text not in sp.stop:
             sp.stop.append(eos_text)
@@ -297,6 +297,7 @@ class LocalLLM(Closing):
             "decode_seconds": st.decode_seconds,
             "reused_tokens": st.reused_tokens,
             "cache_resets": st.resets,
+            **self._window.describe(),
             **cache.describe(),
         }
 
@@ -318,7 +319,7 @@ class LocalLLM(Closing):
         """Bring the cache to ``tokens`` (reusing the common prefix, compressing with a
         budget) and return the next-token logits (numpy float32 ``[n_vocab]``)."""
         cache = self._open()
-        toks = [int(t) for t in tokens]
+        toks = check_tokens(tokens, self.n_vocab)
         if not toks or len(toks) >= self.n_ctx:
             raise ContextOverflowError(
                 f"need 1..{self.n_ctx - 1} tokens for n_ctx={self.n_ctx}, got {len(toks)}")
@@ -330,7 +331,7 @@ class LocalLLM(Closing):
         cache = self._open()
         if len(cache.tokens) >= self.n_ctx:
             raise ContextOverflowError(f"the context window of {self.n_ctx} tokens is full")
-        cache.append(int(token))
+        cache.append(check_tokens([token], self.n_vocab)[0])
         return cache.logits()
 
     def greedy_ids(self, tokens: Sequence[int], n: int, *, ignore_eos: bool = True,
@@ -358,7 +359,7 @@ class LocalLLM(Closing):
         needed); returns the logits of every token (``[n, n_vocab]``) or of the last
         (``[n_vocab]``)."""
         cache = self._open()
-        toks = [int(t) for t in tokens]
+        toks = check_tokens(tokens, self.n_vocab)
         if not toks:
             raise ValueError("tokens must not be empty")
         if len(cache.tokens) + len(toks) > self.n_ctx:
@@ -434,15 +435,14 @@ class LocalLLM(Closing):
 
     # ------------------------------------------------------------------ generation
     def _track(self, it: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self._close_stream()
-        self._stream = it
-        return it
+        self._stream = serial.Stream(it, self._lock, lambda: serial.settle_quietly(self))
+        return self._stream
 
     def _generate(self, tokens: list[int], sp: Sampling) -> Iterator[tuple[str, str | None]]:
         """Check the prompt fits, then (lazily) prefill and generate."""
         if len(tokens) >= self.n_ctx:
             raise ContextOverflowError(
                 f"the prompt has {len(tokens)} tokens but the context window holds "
-                f"{self.n_ctx}; shorten it or create LocalLLM(n_ctx=...) with a larger n_ctx"
-            )
+                f"{self.n_ctx}; shorten it, create LocalLLM(n_ctx=...) with a larger n_ctx, or "
+                "(a chat) LocalLLM(overflow='drop_oldest') to drop its oldest turns")
         return generate(self._open(), self._vocab, tokens, sp, self._usage)

@@ -186,6 +186,12 @@ class AdaKVCache(KVCache):
         self.rc.clear()
         self.free_rows = 0
 
+    def _memory_tokens(self) -> int:
+        return int(self.rc.n_past)
+
+    def _settled(self) -> None:
+        self.free_rows = self._min_free_rows()  # a step may have stopped before _fed()
+
     def kv_bytes(self) -> tuple[int, int]:
         return self.rc.kv_bytes()
 

@@ -91,6 +91,13 @@ class KVCache(Closing):
         """Remove every row at position ``>= n``; False when the memory refuses."""
         raise NotImplementedError
 
+    def _memory_tokens(self) -> int:
+        """How many positions llama.cpp's memory holds (what :meth:`settle` trusts)."""
+        raise NotImplementedError
+
+    def _settled(self) -> None:
+        """Called at the end of :meth:`settle` (Ada-KV recounts its free rows)."""
+
     def _clear(self) -> None:
         raise NotImplementedError
 
@@ -115,9 +122,29 @@ class KVCache(Closing):
     def _free_ctx(self) -> None:
         C.llama_free(self.ctx)
 
+    def settle(self) -> None:
+        """Make the token history and llama.cpp's memory agree again.
+
+        An exception can land between a ``llama_decode`` and the history update that
+        follows it: a ``KeyboardInterrupt`` (SIGINT) is delivered when the ctypes call
+        returns, and a decode, a compression or a tail removal is several Python steps.
+        Instead of masking signals, every entry point calls this first (it costs two C
+        calls): rows past the history are dropped, history past the memory is forgotten,
+        and the subclass recounts its bookkeeping. The memory is the truth; a half-made
+        step is undone, never guessed at."""
+        n = self._memory_tokens()
+        if n > len(self.tokens):
+            if not self._drop_tail(len(self.tokens)):  # pragma: no cover - tails always go
+                self._clear()
+                self.tokens = []
+        elif n < len(self.tokens):
+            del self.tokens[n:]
+        self._settled()
+
     def bring_to(self, tokens: list[int]) -> None:
         """Make the cache hold ``tokens``: keep the common prefix, prefill the rest (then
         compress, with a budget). The next-token logits are those of the last token."""
+        self.settle()
         start = self.sync_prefix(tokens)
         self.stats.reused_tokens += start
         self.prefill(tokens, start)

@@ -29,6 +29,9 @@ class VanillaCache(KVCache):
     def _drop_tail(self, n: int) -> bool:
         return bool(C.llama_memory_seq_rm(self.mem, 0, n, -1))
 
+    def _memory_tokens(self) -> int:
+        return int(C.llama_memory_seq_pos_max(self.mem, 0)) + 1  # -1 when empty
+
     def _clear(self) -> None:
         C.llama_memory_clear(self.mem, True)
 
