@@ -42,7 +42,11 @@ def _row_bytes_per_head(llm: LocalLLM) -> int:
 
 
 def test_short_prompt_identical_to_vanilla(default_model: Path) -> None:
-    """Under the budget nothing is evicted: greedy output equals vanilla's."""
+    """Under the budget nothing is evicted: greedy output equals vanilla's.
+
+    Exact text equality holds because the logits agree to rounding (tests/test_ragged_exact.py:
+    relative L2 < 1e-3, the same flash-attention kernel on views padded like vanilla's, see
+    POOL_ALIGN) and this answer has no near tie; it is not a bitwise float comparison."""
     msgs = [{"role": "user", "content": "Write one sentence about the sea."}]
     with LocalLLM(default_model, n_ctx=1024, n_threads=THREADS) as v:
         ref = _answer(v, msgs, 40)

@@ -34,6 +34,8 @@ def _llama_cpp_greedy(model: Path, messages: list[dict], max_tokens: int) -> str
 def test_greedy_chat_equals_llama_cpp(llm: LocalLLM, default_model: Path) -> None:
     msgs = [{"role": "user", "content": QUESTION}]
     ours = llm.chat(msgs, max_tokens=48, temperature=0.0)
+    # the same library, the same prompt in the same batch (n_batch 512), flash attention in
+    # both: the same computation, so the same greedy text
     theirs = _llama_cpp_greedy(default_model, msgs, 48)
     text = ours["choices"][0]["message"]["content"]
     assert text == theirs

@@ -184,7 +184,12 @@ def test_streaming_and_full_equal_oracle(scenario: str) -> None:
 
 @pytest.mark.parametrize("scenario", ["uniform", "ragged", "int-ties", "large"])
 def test_scorer_bit_exact(scenario: str) -> None:
-    """Window mean, GQA aggregation and pooling are bit-identical to the torch ops."""
+    """Window mean, GQA aggregation and pooling are bit-identical to the torch ops.
+
+    Bitwise holds: these are elementwise float32 operations (a division, left-to-right sums
+    over the group and over the pooling window, a division by the kernel), done in the same
+    order on the same shapes by native/score.c and by torch; IEEE add/divide round the same
+    on every CPU and SIMD width, and no reduction is reordered."""
     for seed in range(8):
         case = make_case(scenario, seed)
         got = pooled_scores(_config(case), case["blocks"], case["g"], n_obs=case["n_obs"])

@@ -73,7 +73,9 @@ def test_restore_gives_back_the_exact_state(smol) -> None:
             b.clear()
             b.restore(snap)
             _assert_state(_state(b), ref)
-        # the restored memory behaves exactly like the one that never moved
+        # the restored memory behaves exactly like the one that never moved: bitwise, since
+        # both hold the same rows in pools of the same capacities (asserted above) and run the
+        # same batch through the same kernels
         la = decode(a.ctx_ptr, toks[400:], 400, n_vocab)
         lb = decode(b.ctx_ptr, toks[400:], 400, n_vocab)
         np.testing.assert_array_equal(la, lb)
