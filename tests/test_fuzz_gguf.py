@@ -629,7 +629,7 @@ def write_mutant(src: Path, lay: Layout, m: Mutant, dest: Path, *, sparse: bool)
                     g.write(f.read(end - lay.data_offset))
 
 
-REWRITES_SAMPLED = 12
+REWRITES_SAMPLED = 8
 """Semantic mutants per source beyond the regressions (of about 240 generated). The whole
 catalogue (1,700 files, about 6 minutes) found the crash classes of REGRESSIONS."""
 REGRESSIONS = ("{a}.block_count=", "{a}.expert_count=", "{a}.expert_used_count=",
@@ -654,9 +654,9 @@ def make_corpus(out: Path, default_model: Path,
     from adakv_local.testing.tiny_models import write_preset
 
     rng = random.Random(seed)
-    sources = [(write_preset(out / f"src-{p}.gguf", p, dtype="q8_0", n_layer=2), False, 6)
+    sources = [(write_preset(out / f"src-{p}.gguf", p, dtype="q8_0", n_layer=2), False, 5)
                for p in TINY]
-    sources.append((default_model, True, 10))
+    sources.append((default_model, True, 8))
     files: list[tuple[Path, Mutant | Rewrite]] = []
     for src, sparse, n_flip in sources:
         lay = layout_of(src)
