@@ -208,12 +208,14 @@ def test_refuses_several_sequences(smol) -> None:
         RaggedContext.create(smol, cparams=cp)
 
 
-def test_refuses_quantized_kv(smol) -> None:
-    cp = cparams()
-    cp.type_k = 8  # GGML_TYPE_Q8_0
-    cp.type_v = 8
-    with pytest.raises(RaggedError, match="K/V must be F16"):
-        RaggedContext.create(smol, cparams=cp)
+def test_refuses_kv_types_other_than_f16_and_q8_0(smol) -> None:
+    """The ragged pools are F16 or Q8_0 (tests/test_ragged_quant.py covers Q8_0); any other
+    K/V type is refused at creation, not mis-stored."""
+    for tk, tv in ((2, 2), (0, 0), (8, 2)):  # Q4_0/Q4_0, F32/F32, Q8_0/Q4_0 (GGML ids)
+        cp = cparams()
+        cp.type_k, cp.type_v = tk, tv
+        with pytest.raises(RaggedError, match="K/V must be F16 or Q8_0"):
+            RaggedContext.create(smol, cparams=cp)
 
 
 def _rename_arch(src: Path, dst: Path, arch: str) -> Path:

@@ -152,3 +152,21 @@ def test_compaction_returns_memory_to_the_os(default_model: Path) -> None:
     assert freed > 80 * 2**20  # ~100 MB of a 4,352-row pool down to 256 rows
     # RSS goes down by about the freed amount (allocator slack allowed)
     assert rss0 - rss1 > 0.8 * freed, (rss0 - rss1, freed)
+
+
+def test_per_head_flash_attention_path_matches_reference_too() -> None:
+    """Decode steps over heads of different lengths run the patch's fused CPU kernel; with
+    LLAMA_RAGGED_FUSED=0 they run one flash attention per KV head (the path other backends
+    take). The compaction oracle holds on that path too (a subprocess: the switch is read
+    once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLAMA_RAGGED_FUSED="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_compaction_matches_reference_with_keep_masks"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
