@@ -210,7 +210,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     policies = [p for p in ns.policies.split(",") if p]
     report = compare(ns.model, ns.contexts, ns.budgets, policies, prefill=ns.prefill,
                      chunk=ns.chunk, decode_steps=ns.decode_steps, threads=ns.threads,
-                     n_gpu_layers=ns.n_gpu_layers, progress=not ns.quiet)
+                     n_gpu_layers=ns.n_gpu_layers, progress=not ns.quiet,
+                     kv_types=[t for t in ns.kv_types.split(",") if t], limit=ns.limit)
     print(table(report))
     if ns.json:
         import json
@@ -334,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the full report here")
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--kv-types", default="f16",
+                   help="K/V pool types of the Ada-KV runs, comma-separated (f16, q8_0)")
+    p.add_argument("--limit", action="store_true",
+                   help="also vanilla with a prompt of each budget's size (decode's limit)")
     p.set_defaults(func=cmd_compare)
 
     from .bench.eval_tasks import TASKS

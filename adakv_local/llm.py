@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from .cache.vanilla import VanillaCache
 from .defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from .errors import AdaKVError, ContextOverflowError
 from .generation import responses, serial
-from .generation.loop import Usage, generate
+from .generation.loop import Usage, generate, greedy
 from .generation.params import Message, Sampling, check_llm_args, check_sampling, check_tokens
 from .generation.template import ChatTemplate
 from .generation.window import ConversationWindow
@@ -59,7 +58,11 @@ class LocalLLM(Closing):
         seed: default sampling seed (None: random).
         verbose: print llama.cpp's log and progress bars.
         policy: eviction policy with ``kv_budget``: ``ada-snapkv`` (default), ``snapkv``,
-            ``pyramid``, ``ada-pyramid``, ``streaming`` or ``full`` (never evict).
+            ``pyramid``, ``ada-pyramid``, ``streaming`` or ``full`` (never evict); or,
+            scored by context reconstruction (question-agnostic: a pasted document keeps
+            what a later question needs, at about twice the prefill time), ``ada-kvzip``,
+            ``kvzip`` (uniform) or ``ada-kvzip-global`` (budget moved across layers too).
+            See docs/NOTES.md "Context-reconstruction scoring".
         window: observation window (rows always kept; queries that score the rest).
         floor_alpha: Ada-KV safeguard: each head keeps at least ``alpha`` of its share.
         pooling, kernel: pooling of the scores along rows (``max``/``avg``, odd kernel).
@@ -74,6 +77,11 @@ class LocalLLM(Closing):
             budget (using the latest tokens as the window) or ``grow`` the cache.
         headroom: free rows per head left after each compression, so that decoding
             compresses once every ``headroom`` tokens rather than at every token.
+        recon_chunk: text tokens per reconstruction chunk of the kvzip policies (extra
+            rows while scoring: at most this many plus the prompt's, per head).
+        type_k, type_v: K/V cache types, by name (``"f16"``, ``"q8_0"``, ...) or GGML type
+            id as llama-cpp-python takes them; with ``kv_budget``, ``f16`` or ``q8_0`` (the
+            ragged pools quantized: half the bytes of f16 per kept row).
         overflow: a chat longer than ``n_ctx``: ``error`` (ContextOverflowError) or
             ``drop_oldest`` (drop its oldest turns; generation/window.py).
     """
@@ -99,6 +107,9 @@ class LocalLLM(Closing):
         chunk: int = 2048,
         on_full: str = "compress",
         headroom: int = 64,
+        recon_chunk: int = 512,
+        type_k: str | int = "f16",
+        type_v: str | int = "f16",
         overflow: str = "error",
     ) -> None:
         self._lock = threading.RLock()
@@ -108,8 +119,10 @@ class LocalLLM(Closing):
         self._stream: serial.Stream | None = None
         opts = AdaKVOptions(policy=policy, window=window, floor_alpha=floor_alpha,
                             pooling=pooling, kernel=kernel, pool_align=pool_align,
-                            prefill=prefill, chunk=chunk, on_full=on_full, headroom=headroom)
+                            prefill=prefill, chunk=chunk, on_full=on_full, headroom=headroom,
+                            recon_chunk=recon_chunk)
         opts.check_budget(kv_budget)  # before any work
+        self.type_k, self.type_v = R.kv_types(type_k, type_v, ragged=kv_budget is not None)
         self.prefill_mode, self.chunk, self.on_full, self.headroom = (
             prefill, chunk, on_full, headroom)
         check_llm_args(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
@@ -134,9 +147,10 @@ class LocalLLM(Closing):
         if n_ctx > self.n_ctx_train and verbose:
             print(f"warning: n_ctx={n_ctx} exceeds the model's training context "
                   f"{self.n_ctx_train}", file=sys.stderr)
-        cp = R.context_params(n_ctx, n_batch, self.n_threads)
+        cp = R.context_params(n_ctx, n_batch, self.n_threads, self.type_k, self.type_v)
         R.clear_log()
-        kw = {"n_batch": n_batch, "n_vocab": self.n_vocab, "verbose": verbose}
+        kw = {"n_batch": n_batch, "n_vocab": self.n_vocab, "verbose": verbose,
+              "type_k": self.type_k, "type_v": self.type_v}
         try:
             if kv_budget is not None:
                 self._cache = AdaKVCache.create(self._model, cp, self.shape, kv_budget, opts,
@@ -159,6 +173,11 @@ class LocalLLM(Closing):
             eos_text=R.token_text(self._vocab, self._eos) if self._eos >= 0 else "",
             bos_text=R.token_text(self._vocab, self._bos) if self._bos >= 0 else "",
             model_name=self.model_path.name)
+        if isinstance(self._cache, AdaKVCache):  # the kvzip policies' reconstruction prompt
+            from .cache.reconstruct import chat_prompt
+
+            self._cache.recon_prompt = chat_prompt(
+                self.format_chat, lambda t: self.tokenize(t, add_bos=False))
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -276,38 +295,17 @@ class LocalLLM(Closing):
         timing counters; with a budget also the policy, rows per head, compressions and
         their timers.
         """
-        cache = self._open()
-        row = self.kv_row_bytes()
-        n = len(cache.tokens)
-        alloc, used = cache.kv_bytes()
-        st = cache.stats
-        return {
-            "mode": "vanilla" if self.kv_budget is None else "ada-kv",
-            "tokens_seen": n,
-            "rows_kept": n,
-            "n_ctx": self.n_ctx,
-            "bytes_allocated": alloc,
-            "bytes_used": used,
-            "vanilla_bytes": self.n_ctx * row,
-            "vanilla_bytes_for_tokens": n * row,
-            "row_bytes_all_heads": row,
-            "prefill_tokens": st.prefill_tokens,
-            "prefill_seconds": st.prefill_seconds,
-            "decode_tokens": st.decode_tokens,
-            "decode_seconds": st.decode_seconds,
-            "reused_tokens": st.reused_tokens,
-            "cache_resets": st.resets,
-            **self._window.describe(),
-            **cache.describe(),
-        }
+        return self._open().report(mode="vanilla" if self.kv_budget is None else "ada-kv",
+                                   n_ctx=self.n_ctx, extra=self._window.describe())
 
     def is_eog(self, token: int) -> bool:
         """Whether ``token`` ends a generation (EOS, end of turn)."""
         return bool(C.llama_vocab_is_eog(self._vocab, int(token)))
 
     def kv_row_bytes(self) -> int:
-        """Bytes of K and V for one token across all layers and KV heads (f16 cache)."""
-        return self.shape.row_bytes()
+        """Bytes of K and V for one token across all layers and KV heads (in this instance's
+        K/V types: what vanilla llama.cpp with these types spends per token)."""
+        return self.shape.row_bytes(self.type_k, self.type_v)
 
     @property
     def tokens_in_cache(self) -> list[int]:
@@ -341,18 +339,8 @@ class LocalLLM(Closing):
         ``step_seconds``, when given, receives the wall time of every decode step
         (compressions triggered by that step included).
         """
-        logits = self.prefill_tokens(tokens)
-        out: list[int] = []
-        for _ in range(n):
-            tok = int(logits.argmax())
-            out.append(tok)
-            if not ignore_eos and C.llama_vocab_is_eog(self._vocab, tok):
-                break
-            t0 = time.perf_counter()
-            logits = self.decode_token(tok)
-            if step_seconds is not None:
-                step_seconds.append(time.perf_counter() - t0)
-        return out
+        return greedy(self.prefill_tokens(tokens), self.decode_token, self.is_eog, n,
+                      ignore_eos=ignore_eos, step_seconds=step_seconds)
 
     def append_tokens(self, tokens: Sequence[int], *, all_logits: bool = False) -> Any:
         """Decode ``tokens`` after the cached ones without compressing (the cache grows as
@@ -409,6 +397,13 @@ class LocalLLM(Closing):
         selections ([] when nothing was evicted)."""
         cache = self._ada("compress()")
         return cache.compress(cache.config_for(policy, kv_budget, options), scores, n_obs)
+
+    def kvzip_scores(self, **options: Any) -> Any:
+        """The kvzip policies' scores of the rows held now (the most attention from the last
+        ``window`` queries and from a reconstruction of the text since the rows were last
+        scored), without compressing: evals pass them to ``compress(scores=...)``."""
+        cache = self._ada("kvzip_scores()")
+        return cache.kvzip_scores(cache.config_for(None, None, options), reconstruct=True)
 
     # ------------------------------------------------------------------ sessions
     def save_session(self, path: str | os.PathLike[str]) -> dict[str, Any]:

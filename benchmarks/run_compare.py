@@ -22,6 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 contexts, 1 budget")
+    ap.add_argument("--model", default=None,
+                    help="a GGUF path (default: the embedded default model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--prefill", choices=["full", "chunked"], default="full")
@@ -29,6 +31,9 @@ def main() -> int:
     ap.add_argument("--contexts", default=None, help="override, e.g. 1024,8192")
     ap.add_argument("--budgets", default=None, help="override, e.g. 512")
     ap.add_argument("--policies", default="ada-snapkv,snapkv")
+    ap.add_argument("--kv-types", default="f16", help="Ada-KV pool types, e.g. f16,q8_0")
+    ap.add_argument("--limit", action="store_true",
+                    help="add vanilla with a prompt of each budget's size (decode's limit)")
     ns = ap.parse_args()
     contexts = [1024, 8192] if ns.quick else [1024, 2048, 4096, 8192]
     budgets = [512] if ns.quick else [128, 256, 512]
@@ -36,8 +41,9 @@ def main() -> int:
         contexts = [int(x) for x in ns.contexts.split(",")]
     if ns.budgets:
         budgets = [int(x) for x in ns.budgets.split(",")]
-    report = compare(None, contexts, budgets, ns.policies.split(","), prefill=ns.prefill,
-                     chunk=ns.chunk, threads=ns.threads)
+    report = compare(ns.model, contexts, budgets, ns.policies.split(","), prefill=ns.prefill,
+                     chunk=ns.chunk, threads=ns.threads, kv_types=ns.kv_types.split(","),
+                     limit=ns.limit)
     report["prefill"] = ns.prefill
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"compare_{ns.tag}"

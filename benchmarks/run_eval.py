@@ -1,8 +1,10 @@
 """The README's quality table: ``adakv-local eval`` on the default model.
 
 Runs one task at a time and rewrites benchmarks/results/eval_<tag>.json, .md and .png after
-each, so a long run leaves usable results as it goes. Defaults: the README's grid (see
-``--help``); ``--quick`` is a smoke run of a few minutes.
+each, so a long run leaves usable results as it goes; with ``--interleave`` one run takes
+prompt ``i`` of every task and length before prompt ``i + 1`` and rewrites the JSON and .md
+after every prompt (a run cut short still covers every cell). Defaults: the README's grid
+(see ``--help``); ``--quick`` is a smoke run of a few minutes.
 
     .venv/bin/python benchmarks/run_eval.py [--quick] [--threads 2] [--tag cpu]
 """
@@ -37,20 +39,43 @@ def main() -> int:
     ap.add_argument("--kernel", type=int, default=LOCALLLM_KERNEL,
                     help=f"score pooling kernel ({LOCALLLM_KERNEL})")
     ap.add_argument("--pool-align", default=LOCALLLM_POOL_ALIGN, choices=["causal", "center"])
+    ap.add_argument("--interleave", action="store_true",
+                    help="all tasks in one run, prompt by prompt; save after every prompt")
+    ap.add_argument("--kvzip-aware", default="reuse", choices=["reuse", "reconstruct"],
+                    help="question-aware kvzip scores: the context's reconstruction + the "
+                         "question window (reuse), or a reconstruction of the whole prompt")
     ns = ap.parse_args()
     lengths = (1024,) if ns.quick else _ints(ns.lengths)
     samples = 3 if ns.quick else ns.samples
     RESULTS.mkdir(exist_ok=True)
+    base = RESULTS / f"eval_{ns.tag}"
+    if ns.interleave:
+        spec = EvalSpec(tasks=tuple(ns.tasks.split(",")), lengths=lengths,
+                        budgets=_ints(ns.budgets), policies=tuple(ns.policies.split(",")),
+                        modes=tuple(ns.modes.split(",")), samples=samples,
+                        threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align,
+                        kvzip_aware=ns.kvzip_aware)
+
+        def checkpoint(report: dict) -> None:
+            save(report, base.with_suffix(".json"))
+            base.with_suffix(".md").write_text(table(report) + "\n")
+
+        report = run_eval(spec, log=lambda m: print(m, file=sys.stderr, flush=True),
+                          interleave=True, on_prompt=checkpoint)
+        checkpoint(report)
+        plot(report, base.with_suffix(".png"))
+        print(table(report))
+        return 0
     reports = []
     for task in ns.tasks.split(","):
         spec = EvalSpec(tasks=(task,), lengths=lengths, budgets=_ints(ns.budgets),
                         policies=tuple(ns.policies.split(",")),
                         modes=tuple(ns.modes.split(",")), samples=samples,
-                        threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align)
+                        threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align,
+                        kvzip_aware=ns.kvzip_aware)
         reports.append(run_eval(spec, progress=sys.stderr.isatty(),
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         report = merge(reports)
-        base = RESULTS / f"eval_{ns.tag}"
         save(report, base.with_suffix(".json"))
         base.with_suffix(".md").write_text(table(report) + "\n")
         plot(report, base.with_suffix(".png"))

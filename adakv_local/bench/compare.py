@@ -37,13 +37,16 @@ class RunSpec:
     threads: int | None = None
     seed: int = 0
     n_gpu_layers: int = 0
+    kv_type: str = "f16"  # K and V cache type
+    limit: bool = False  # vanilla at the budget's size: the decode speed a budget can reach
 
     @property
     def label(self) -> str:
+        kv = "" if self.kv_type == "f16" else f"/{self.kv_type}"
         if self.budget is None:
-            return "vanilla"
+            return f"vanilla{kv}" + (" (limit)" if self.limit else "")
         mode = "" if self.prefill == "full" else f"/chunked{self.chunk}"
-        return f"{self.policy}@{self.budget}{mode}"
+        return f"{self.policy}@{self.budget}{mode}{kv}"
 
 
 def build_prompt(llm: Any, context: int, seed: int) -> tuple[list[int], str]:
@@ -78,7 +81,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
     n_ctx = spec.context + spec.decode_steps + 256
     kwargs: dict[str, Any] = {"n_ctx": n_ctx, "n_threads": spec.threads, "seed": spec.seed,
-                              "n_gpu_layers": spec.n_gpu_layers}
+                              "n_gpu_layers": spec.n_gpu_layers, "type_k": spec.kv_type,
+                              "type_v": spec.kv_type}
     if spec.budget is not None:
         kwargs.update(kv_budget=spec.budget, policy=spec.policy, prefill=spec.prefill,
                       chunk=spec.chunk)
@@ -155,16 +159,24 @@ def agreement(a: Sequence[int], b: Sequence[int]) -> tuple[float, int]:
 def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
             policies: Sequence[str], *, prefill: str = "full", chunk: int = 512,
             decode_steps: int = 64, threads: int | None = None, n_gpu_layers: int = 0,
-            timeout: float = 1800, progress: bool = True) -> dict[str, Any]:
-    """Run vanilla and every (policy, budget) at every context length; return the report."""
+            timeout: float = 1800, progress: bool = True, kv_types: Sequence[str] = ("f16",),
+            limit: bool = False) -> dict[str, Any]:
+    """Run vanilla (f16) and every (policy, budget, K/V type) at every context length; with
+    ``limit``, also vanilla with a prompt of each budget's size (the same number of KV rows:
+    the decode speed a budget can reach). Returns the report."""
     specs: list[RunSpec] = []
+    if limit:
+        for b in budgets:
+            specs.append(RunSpec(model, b, None, decode_steps=decode_steps, threads=threads,
+                                 n_gpu_layers=n_gpu_layers, limit=True))
     for ctx in contexts:
         specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps, threads=threads,
                              n_gpu_layers=n_gpu_layers))
         for pol in policies:
             for b in budgets:
-                specs.append(RunSpec(model, ctx, b, pol, prefill, chunk, decode_steps, threads,
-                                     n_gpu_layers=n_gpu_layers))
+                for kv in kv_types:
+                    specs.append(RunSpec(model, ctx, b, pol, prefill, chunk, decode_steps,
+                                         threads, n_gpu_layers=n_gpu_layers, kv_type=kv))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -179,9 +191,21 @@ def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
             bar.update(1)
     if bar is not None:
         bar.close()
-    annotate(runs)
+    annotate([r for r in runs if "error" in r or not r["spec"].get("limit")])
+    annotate_limit(runs)
     return {"machine": machine_info(), "threads": threads, "created": time.time(),
             "runs": runs}
+
+
+def annotate_limit(runs: list[dict[str, Any]]) -> None:
+    """``decode_ratio_vs_limit``: a budget run's decode time over that of vanilla with a
+    prompt of the budget's size (the limit run), when the report has one."""
+    limits = {r["spec"]["context"]: r for r in runs
+              if r["spec"].get("limit") and "error" not in r}
+    for r in runs:
+        lim = limits.get(r["spec"]["budget"])
+        if "error" not in r and lim is not None and r.get("decode_ms_per_token"):
+            r["decode_ratio_vs_limit"] = r["decode_ms_per_token"] / lim["decode_ms_per_token"]
 
 
 RATIOS: tuple[tuple[str, str], ...] = (
@@ -212,18 +236,19 @@ def annotate(runs: list[dict[str, Any]], *,
 
 def table(report: dict[str, Any]) -> str:
     """A markdown table of the report."""
-    head = ("| context | config | prefill tok/s | decode ms/tok | KV allocated | peak RSS "
-            "| agree | passkey |\n|---|---|---|---|---|---|---|---|")
+    head = ("| context | config | prefill tok/s | decode ms/tok | vs limit | KV allocated "
+            "| peak RSS | agree | passkey |\n|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in report["runs"]:
         if "error" in r:
             lines.append(f"| {r['spec']['context']} | {r['label']} | error: "
-                         f"{r['error'].splitlines()[-1][:60]} | | | | | |")
+                         f"{r['error'].splitlines()[-1][:60]} | | | | | | |")
             continue
-        agree = r.get("greedy_agreement")
+        agree, lim = r.get("greedy_agreement"), r.get("decode_ratio_vs_limit")
         lines.append(
             f"| {r['prompt_tokens']} | {r['label']} | {r['prefill_tok_per_s']:.0f} "
-            f"| {r['decode_ms_per_token']:.1f} | {r['kv_bytes_allocated'] / 2**20:.1f} MiB "
+            f"| {r['decode_ms_per_token']:.1f} | {'-' if lim is None else f'{lim:.2f}x'} "
+            f"| {r['kv_bytes_allocated'] / 2**20:.1f} MiB "
             f"| {r['peak_rss_bytes'] / 2**20:.0f} MiB "
             f"| {'-' if agree is None else f'{agree:.2f}'} "
             f"| {'yes' if r['passkey_correct'] else 'no'} |")

@@ -20,6 +20,17 @@ compressed with that policy from the saved observation, and scored:
   ``h``, ``g`` query heads per KV head, ``kept_mass`` from :func:`adakv_local.policy.kept_mass`).
   L1 <= bound always holds (a test checks it).
 
+The kvzip policies (context-reconstruction scoring) reconstruct each prompt's context
+once, from the question-agnostic snapshot (:meth:`LocalLLM.kvzip_scores`: per row, the most
+attention from the reconstruction queries and the last ``window`` queries); every budget
+and allocator then compresses from those scores. Question-aware, the scores are the
+context's reconstruction scores joined (max) with the question window's maxima at the
+question-aware snapshot -- what the controller computes when a question turn follows a
+scored document (``kvzip_aware="reuse"``, the default); ``"reconstruct"`` reconstructs the
+whole prompt, question included, as the controller does for a one-message prompt. Their
+records add ``scoring_seconds`` (the reconstruction) and ``prefill_seconds`` (the context's
+prefill).
+
 Modes: ``question-aware`` compresses after the question (SnapKV's setting: the observation
 window holds the question's tokens, and the first answer token comes from the full prefill);
 ``question-agnostic`` compresses the context before the question is appended (the multi-turn
@@ -40,7 +51,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +63,10 @@ from .eval_tasks import TASKS, EvalSample, make_sample
 from .machine import machine_info
 
 POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "ada-snapkv", "pyramid",
-                             "ada-pyramid")
+                             "ada-pyramid", "kvzip", "ada-kvzip", "ada-kvzip-global")
+KVZIP: tuple[str, ...] = ("kvzip", "ada-kvzip", "ada-kvzip-global")
+"""The policies scored by context reconstruction: one reconstruction per prompt and mode
+(:meth:`LocalLLM.kvzip_scores`) serves every budget and allocator."""
 MODES: tuple[str, ...] = ("question-aware", "question-agnostic")
 
 
@@ -74,6 +88,7 @@ class EvalSpec:
     source: str = "auto"
     kernel: int = LOCALLLM_KERNEL
     pool_align: str = LOCALLLM_POOL_ALIGN
+    kvzip_aware: str = "reuse"
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -109,6 +124,8 @@ class EvalSpec:
             bad(f"pool_align must be causal or center, got {self.pool_align!r}")
         if self.source not in ("auto", "essays", "filler"):
             bad(f"source must be auto, essays or filler, got {self.source!r}")
+        if self.kvzip_aware not in ("reuse", "reconstruct"):
+            bad(f"kvzip_aware must be reuse or reconstruct, got {self.kvzip_aware!r}")
 
 
 @dataclass
@@ -135,6 +152,10 @@ class _Reference:
     answer_len: int  # tokens of the answer span (to the first stop) within `tokens`
     answer: str
     score: float
+    prefill_seconds: float = 0.0  # prefilling the context
+    kvzip: np.ndarray | None = None  # kvzip scores of the snapshot's rows (lazily)
+    shared: dict[str, Any] = field(default_factory=dict)  # per prompt, both modes: the
+    # context's reconstruction ("recon", "recon_lens", "recon_seconds")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -198,7 +219,8 @@ class Evaluator(Closing):
         self.spec = spec
         n_ctx = max(spec.lengths) + max(256, int(0.1 * max(spec.lengths))) \
             + spec.teacher_tokens + 128
-        self.llm = LocalLLM(spec.model, kv_budget=n_ctx, policy="full", n_ctx=n_ctx,
+        # a budget the prompts never reach (below n_ctx, as LocalLLM requires)
+        self.llm = LocalLLM(spec.model, kv_budget=n_ctx - 1, policy="full", n_ctx=n_ctx,
                             n_threads=spec.threads, window=spec.window, verbose=verbose,
                             seed=spec.seed, kernel=spec.kernel, pool_align=spec.pool_align)
         self.group = self.llm.n_head // self.llm.n_head_kv
@@ -266,7 +288,9 @@ class Evaluator(Closing):
         llm = self.llm
         modes = self.spec.modes
         llm.reset()
+        t0 = time.perf_counter()
         llm.prefill_tokens(p.ctx)
+        t_ctx = time.perf_counter() - t0
         at: dict[str, tuple[Any, Any]] = {}
         if "question-agnostic" in modes:
             at["question-agnostic"] = (llm.snapshot(), self._observe())
@@ -279,10 +303,11 @@ class Evaluator(Closing):
         logp = log_softmax(np.stack(rows))
         score = p.sample.score(answer)
         refs = {}
+        shared: dict[str, Any] = {}
         for mode in modes:
             snap, (scores, n_obs, lens, vrows) = at[mode]
             refs[mode] = _Reference(snap, scores, n_obs, lens, vrows, first, toks, logp, n_ans,
-                                    answer, score)
+                                    answer, score, prefill_seconds=t_ctx, shared=shared)
         return refs
 
     # -------------------------------------------------------------- one configuration
@@ -300,8 +325,18 @@ class Evaluator(Closing):
             return {**base, "score": ref.score, "kl": 0.0, "top1": 1.0, "l1": 0.0,
                     "bound": 0.0, "l1_layers": zeros, "bound_layers": zeros,
                     "rows_per_head": rows, "answer": ref.answer}
-        llm.restore(ref.snap)
-        sels = llm.compress(policy, budget, scores=ref.scores, n_obs=ref.n_obs, **options)
+        extra: dict[str, Any] = {}
+        if policy in KVZIP:
+            if ref.kvzip is None:
+                ref.kvzip = self._kvzip_scores(p, ref, mode, options)
+            extra = {"scoring_seconds": ref.shared["recon_seconds"],
+                     "prefill_seconds": ref.prefill_seconds}
+            llm.restore(ref.snap)
+            sels = llm.compress(policy, budget, scores=ref.kvzip, **options)
+        else:
+            llm.restore(ref.snap)
+            sels = llm.compress(policy, budget, scores=ref.scores, n_obs=ref.n_obs,
+                                **options)
         l1, bound = attention_l1(ref.scores, ref.n_obs, ref.lens, ref.vrows, sels, self.group)
         lens = llm.ragged.all_lengths()
         rows = float(np.mean([x.mean() for x in lens]))
@@ -330,7 +365,57 @@ class Evaluator(Closing):
         return {**base, "score": p.sample.score(answer), "kl": kl, "top1": top1,
                 "l1": float(l1.mean()), "bound": float(bound.mean()),
                 "l1_layers": [float(x) for x in l1], "bound_layers": [float(x) for x in bound],
-                "rows_per_head": rows, "answer": answer}
+                "rows_per_head": rows, "answer": answer, **extra}
+
+
+    def _kvzip_scores(self, p: _Prompt, ref: _Reference, mode: str,
+                      options: dict[str, Any]) -> np.ndarray:
+        """The kvzip scores of ``ref``'s snapshot (see the module doc): the context is
+        reconstructed once per prompt; question-aware reuses it, joined with the question
+        window's maxima (or reconstructs the whole prompt, ``kvzip_aware="reconstruct"``)."""
+        llm = self.llm
+        sh = ref.shared
+        if mode == "question-aware" and self.spec.kvzip_aware == "reconstruct":
+            llm.restore(ref.snap)
+            t0 = time.perf_counter()
+            out = llm.kvzip_scores(**options)
+            sh["recon_seconds_aware"] = time.perf_counter() - t0
+            sh.setdefault("recon_seconds", sh["recon_seconds_aware"])
+            return out
+        if "recon" not in sh:  # the context, from its own state (the agnostic snapshot)
+            llm.restore(ref.snap)
+            if mode == "question-aware":  # no agnostic snapshot: back to the context
+                llm.rewind(len(p.ctx))
+            t0 = time.perf_counter()
+            sh["recon"] = llm.kvzip_scores(**options)
+            sh["recon_seconds"] = time.perf_counter() - t0
+            sh["recon_lens"] = [x.copy() for x in llm.ragged.all_lengths()]
+        if mode == "question-agnostic":
+            return sh["recon"]
+        # question-aware: the context's scores on its rows, max the question window's
+        llm.restore(ref.snap)
+        rc = llm.ragged
+        window = rc.observe_flat(rc.n_obs(self.spec.window), reduce="max")
+        return widen_max(sh["recon"], sh["recon_lens"], window, ref.lens, self.group)
+
+
+def widen_max(held: np.ndarray, held_lens: Sequence[np.ndarray], obs: np.ndarray,
+              obs_lens: Sequence[np.ndarray], group: int) -> np.ndarray:
+    """``obs`` (the ``observe_flat`` layout of ``obs_lens``) with its first
+    ``held_lens[il][h]`` rows of every head maxed with ``held`` (the layout of
+    ``held_lens``): scores of rows held earlier joined with a later observation."""
+    out = obs.copy()
+    oi = hi = 0
+    for ln, hl in zip(obs_lens, held_lens, strict=True):
+        for n, m in zip((int(x) for x in ln), (int(x) for x in hl), strict=True):
+            if m > n:
+                raise ValueError("held_lens: more rows than the observation")
+            dst = out[oi:oi + group * n].reshape(group, n)
+            src = held[hi:hi + group * m].reshape(group, m)
+            dst[:, :m] = np.maximum(dst[:, :m], src)
+            oi += group * n
+            hi += group * m
+    return out
 
 
 # ------------------------------------------------------------------ driver and reports
@@ -359,15 +444,28 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for m in ("l1_layers", "bound_layers"):  # per layer, mean over the samples
             if all(m in r for r in rs):
                 cell[m] = np.mean([r[m] for r in rs], axis=0).tolist()
+        for m in ("scoring_seconds", "prefill_seconds"):  # the kvzip policies
+            if all(m in r for r in rs):
+                cell[m] = float(np.mean([r[m] for r in rs]))
         cells.append(cell)
     return cells
 
 
 def run_eval(spec: EvalSpec, *, progress: bool = False, verbose: bool = False,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run ``spec``; returns the report (``cells`` aggregated, ``records`` per sample)."""
+             log: Callable[[str], None] | None = None, interleave: bool = False,
+             on_prompt: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run ``spec``; returns the report (``cells`` aggregated, ``records`` per sample).
+
+    ``interleave``: prompt ``i`` of every task and length before prompt ``i + 1`` (a run cut
+    short still covers every cell); ``on_prompt(report)``: called with the report so far
+    after every prompt (to save long runs as they go)."""
     t0 = time.perf_counter()
-    jobs = [(t, n, i) for t in spec.tasks for n in spec.lengths for i in range(spec.samples)]
+    if interleave:
+        jobs = [(t, n, i) for i in range(spec.samples) for t in spec.tasks
+                for n in spec.lengths]
+    else:
+        jobs = [(t, n, i) for t in spec.tasks for n in spec.lengths
+                for i in range(spec.samples)]
     records: list[dict[str, Any]] = []
     bar = None
     if progress:
@@ -395,7 +493,13 @@ def run_eval(spec: EvalSpec, *, progress: bool = False, verbose: bool = False,
                 bar.update(1)
             elif log is not None:
                 log(f"{task} {length} #{i}: full cache answered {refs[spec.modes[0]].answer!r}"
-                    f" (score {refs[spec.modes[0]].score:.2f})")
+                    f" (score {refs[spec.modes[0]].score:.2f}), "
+                    f"{time.perf_counter() - t0:.0f} s so far")
+            if on_prompt is not None:
+                on_prompt({"spec": asdict(spec), "model": model_name,
+                           "machine": machine_info(), "seconds": time.perf_counter() - t0,
+                           "created": time.time(), "cells": aggregate(records),
+                           "records": records, "partial": True})
     if bar is not None:
         bar.close()
     return {"spec": asdict(spec), "model": model_name, "machine": machine_info(),

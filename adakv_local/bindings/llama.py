@@ -114,6 +114,58 @@ def meta_str(model: Any, key: str) -> str | None:
     return buf.value.decode("utf-8", errors="replace")
 
 
+KV_TYPES = ("f16", "q8_0", "bf16", "f32", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+"""K/V cache types vanilla llama.cpp accepts with flash attention (the names of llama.cpp's
+``--cache-type-k``); the ragged (Ada-KV) memory stores ``f16`` or ``q8_0``."""
+
+
+def kv_type(value: str | int, what: str = "type_k") -> str:
+    """The canonical name of a K/V cache type given by name (``"q8_0"``, ``"F16"``) or by
+    GGML type id (llama-cpp-python's ``type_k=8``); ValueError otherwise."""
+    import gguf
+
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a type name or a GGML type id, got {value!r}")
+    if isinstance(value, int):
+        try:
+            name = gguf.GGMLQuantizationType(value).name.lower()
+        except ValueError:
+            name = ""
+    elif isinstance(value, str):
+        name = value.strip().lower()
+    else:
+        raise ValueError(f"{what} must be a type name or a GGML type id, got {value!r}")
+    if name not in KV_TYPES:
+        raise ValueError(f"{what}: unsupported K/V cache type {value!r}; use one of "
+                         f"{', '.join(KV_TYPES)}")
+    return name
+
+
+def kv_types(type_k: str | int, type_v: str | int, *, ragged: bool) -> tuple[str, str]:
+    """Both K/V types by canonical name (:func:`kv_type`); the ragged pools (``ragged``:
+    a ``kv_budget``) hold f16 or q8_0 only, so anything else is refused there."""
+    tk, tv = kv_type(type_k, "type_k"), kv_type(type_v, "type_v")
+    if ragged and {tk, tv} - {"f16", "q8_0"}:
+        raise ValueError(f"with kv_budget the K/V pools are f16 or q8_0, got type_k={tk!r}, "
+                         f"type_v={tv!r}; choose those, or kv_budget=None for vanilla")
+    return tk, tv
+
+
+def kv_type_id(name: str) -> int:
+    """GGML type id of a :data:`KV_TYPES` name."""
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name.upper()])
+
+
+def row_size(name: str, n: int) -> int:
+    """Bytes of ``n`` elements (a multiple of the block size) of a :data:`KV_TYPES` type."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]]
+    return n // block * size
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The attention shape of a model: what KV sizes and policies depend on."""
@@ -125,9 +177,13 @@ class ModelShape:
     head_dim_k: int
     head_dim_v: int
 
-    def row_bytes(self) -> int:
-        """Bytes of K and V for one token across all layers and KV heads (f16 cache)."""
-        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * 2
+    def head_row_bytes(self, type_k: str = "f16", type_v: str = "f16") -> int:
+        """Bytes of K and V of one token in one KV head."""
+        return row_size(type_k, self.head_dim_k) + row_size(type_v, self.head_dim_v)
+
+    def row_bytes(self, type_k: str = "f16", type_v: str = "f16") -> int:
+        """Bytes of K and V for one token across all layers and KV heads."""
+        return self.n_layer * self.n_head_kv * self.head_row_bytes(type_k, type_v)
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -141,10 +197,14 @@ def model_shape(model: Any) -> ModelShape:
                       C.llama_model_n_head_kv(model), dk, int(vl) if vl else dk)
 
 
-def context_params(n_ctx: int, n_batch: int, n_threads: int) -> Any:
+def context_params(n_ctx: int, n_batch: int, n_threads: int, type_k: str = "f16",
+                   type_v: str = "f16") -> Any:
     """llama_context_params for one sequence with flash attention (which ragged mode needs;
-    vanilla uses it too, so both compute attention with the same kernel)."""
+    vanilla uses it too, so both compute attention with the same kernel) and K/V cache
+    types (:data:`KV_TYPES` names)."""
     cp = C.llama_context_default_params()
+    cp.type_k = kv_type_id(type_k)
+    cp.type_v = kv_type_id(type_v)
     cp.n_ctx = n_ctx
     cp.n_batch = n_batch
     cp.n_ubatch = min(n_batch, 512)

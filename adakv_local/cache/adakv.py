@@ -10,6 +10,13 @@ keep), this decides when compression happens (DESIGN.md §4):
   latest tokens as the window (``on_full="compress"``) or grow (``on_full="grow"``);
 - each compression leaves ``headroom`` free rows per head, so decoding compresses once
   every ``headroom`` tokens rather than at every token.
+
+What scores the rows: the window's attention (the SnapKV scorer), or, for the kvzip
+policies, the most attention each row ever received from a scoring query
+(:mod:`.reconstruct`): after a prefill whose new text is longer than the window, the
+model reconstructs that text (question-agnostic); the last ``window`` real queries and the
+scores of rows kept at earlier compressions join the maximum, and decode-time compressions
+use only those (no reconstruction while generating).
 """
 
 from __future__ import annotations
@@ -24,6 +31,13 @@ from ..bindings import llama as R
 from ..defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from ..errors import AdaKVError, ModelError
 from .base import KVCache, ModelShape
+from .reconstruct import (
+    ReconstructionPrompt,
+    ReconstructionStats,
+    RowScores,
+    common_prefix,
+    reconstruction_scores,
+)
 
 POOL_ALIGN = 256
 """Full mode grows pools to multiples of this many rows: flash attention's CPU kernel rounds
@@ -48,13 +62,15 @@ class AdaKVOptions:
     chunk: int = 2048
     on_full: str = "compress"
     headroom: int = 64
+    recon_chunk: int = 512
 
     def __post_init__(self) -> None:
         if self.prefill not in ("full", "chunked"):
             raise ValueError(f"prefill must be 'full' or 'chunked', got {self.prefill!r}")
         if self.on_full not in ("compress", "grow"):
             raise ValueError(f"on_full must be 'compress' or 'grow', got {self.on_full!r}")
-        for name, val, lo in (("chunk", self.chunk, 1), ("headroom", self.headroom, 1)):
+        for name, val, lo in (("chunk", self.chunk, 1), ("headroom", self.headroom, 1),
+                              ("recon_chunk", self.recon_chunk, 1)):
             if not isinstance(val, int) or val < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
 
@@ -107,19 +123,25 @@ class AdaKVCache(KVCache):
     """The ragged per-head KV memory, kept at ``budget`` rows per head on average."""
 
     def __init__(self, rc: Any, shape: ModelShape, config: Any, opts: AdaKVOptions, *,
-                 n_batch: int, n_vocab: int, verbose: bool = False) -> None:
+                 n_batch: int, n_vocab: int, verbose: bool = False, type_k: str = "f16",
+                 type_v: str = "f16") -> None:
         super().__init__(rc.ctx_ptr, shape, n_batch=n_batch, n_vocab=n_vocab,
-                         verbose=verbose)
+                         verbose=verbose, type_k=type_k, type_v=type_v)
         self.rc = rc
         self.config = config  # PolicyConfig
         self.opts = opts
         self.align = POOL_ALIGN if opts.prefill == "full" else 1
         self.free_rows = 0  # rows every head can still take before it is full
+        # the kvzip policies (context-reconstruction scoring, .reconstruct)
+        self.recon_prompt: ReconstructionPrompt | None = None  # set by LocalLLM
+        self.recon_stats = ReconstructionStats()
+        self.row_scores = RowScores()  # scores of the rows kept by kvzip compressions
+        self._scored_tokens: tuple[int, ...] = ()  # the history when rows were last scored
 
     @classmethod
     def create(cls, model: Any, cparams: Any, shape: ModelShape, budget: int,
                opts: AdaKVOptions, *, n_batch: int, n_vocab: int,
-               verbose: bool = False) -> AdaKVCache:
+               verbose: bool = False, type_k: str = "f16", type_v: str = "f16") -> AdaKVCache:
         """A ragged context over ``model`` sized for the first prefill."""
         from ..bindings import ragged
 
@@ -140,7 +162,8 @@ class AdaKVCache(KVCache):
                 grow_rows=0, pad_rows=256, n_window=max(64, opts.window))
         except ragged.RaggedError as e:
             raise ModelError(f"could not create the Ada-KV (ragged) context: {e}") from e
-        return cls(rc, shape, config, opts, n_batch=n_batch, n_vocab=n_vocab, verbose=verbose)
+        return cls(rc, shape, config, opts, n_batch=n_batch, n_vocab=n_vocab, verbose=verbose,
+                   type_k=type_k, type_v=type_v)
 
     def _free_ctx(self) -> None:
         self.rc.close()
@@ -172,7 +195,7 @@ class AdaKVCache(KVCache):
         if self.free_rows < 1:
             # a head is full while decoding: compress back to the budget, or grow
             if self.opts.on_full == "compress":
-                self.compress()
+                self.compress(reconstruct=False)  # no reconstruction while generating
             if self.free_rows < 1:
                 self._reserve(self.opts.headroom)
 
@@ -185,12 +208,20 @@ class AdaKVCache(KVCache):
     def _clear(self) -> None:
         self.rc.clear()
         self.free_rows = 0
+        self._forget_scores()
 
     def _memory_tokens(self) -> int:
         return int(self.rc.n_past)
 
     def _settled(self) -> None:
         self.free_rows = self._min_free_rows()  # a step may have stopped before _fed()
+        # the kvzip scores of kept rows stay: settle() runs at every entry point, and they
+        # only count for positions inside the common prefix of the history they were made
+        # on (RowScores.merge_into), so a dropped tail cannot make them lie
+
+    def _forget_scores(self) -> None:
+        self.row_scores.clear()
+        self._scored_tokens = ()
 
     def kv_bytes(self) -> tuple[int, int]:
         return self.rc.kv_bytes()
@@ -213,17 +244,20 @@ class AdaKVCache(KVCache):
         self.free_rows = self._min_free_rows()
 
     # ------------------------------------------------------------------ compression
-    def compress(self, cfg: Any = None, scores: Any = None, n_obs: int | None = None
-                 ) -> list[Any]:
+    def compress(self, cfg: Any = None, scores: Any = None, n_obs: int | None = None, *,
+                 reconstruct: bool | None = None) -> list[Any]:
         """Observe the window, select rows per head with the policy, compact every layer.
 
         ``cfg`` overrides the policy (a :class:`~adakv_local.bindings.policy.PolicyConfig`);
         ``scores``/``n_obs`` give an observation made earlier on the current rows (the flat
-        :meth:`~adakv_local.bindings.ragged.RaggedContext.observe_flat` buffer), so it is
-        not redone. Afterwards every head has at least ``headroom`` free rows. Returns the
-        per-layer selections ([] when nothing could be evicted).
+        :meth:`~adakv_local.bindings.ragged.RaggedContext.observe_flat` buffer, or
+        :meth:`kvzip_scores` for the kvzip policies, whose ``n_obs`` is not read), so it is
+        not redone. ``reconstruct`` (kvzip policies): whether to reconstruct the text since
+        the rows were last scored (None: when it is longer than the window). Afterwards
+        every head has at least ``headroom`` free rows. Returns the per-layer selections
+        ([] when nothing could be evicted).
         """
-        from ..bindings.policy import select_flat
+        from ..bindings.policy import select_flat, select_model
         from ..bindings.ragged import split_layers
 
         rc, shape, headroom = self.rc, self.shape, self.opts.headroom
@@ -240,6 +274,14 @@ class AdaKVCache(KVCache):
         group = shape.n_head // shape.n_head_kv
         t0 = time.perf_counter()
         per_layer: list[Any] = [None] * shape.n_layer
+        kvzip = cfg.score_reduce == "max"
+        if kvzip:  # context-reconstruction scores (maxima: the scorer does not average)
+            if scores is None:
+                scores = self.kvzip_scores(cfg, reconstruct=reconstruct)
+            n_obs = 1
+        elif cfg.uses_scores and scores is None and rc.window_available() < 1:
+            raise AdaKVError("no window queries are stored since the last reconstruction: "
+                             f"decode a token before compressing with {cfg.policy}")
         if cfg.uses_scores and scores is not None and (
                 n_obs is None or scores.size != group * sum(int(x.sum()) for x in lens)):
             raise ValueError("scores: an observation of the current rows (observe_flat) "
@@ -257,8 +299,10 @@ class AdaKVCache(KVCache):
                                      "rank rows; check the file, or run it without kv_budget")
             per_layer = split_layers(scores, lens, group)
         t1 = time.perf_counter()
-        sels = [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)
-                for il in range(shape.n_layer)]
+        sels = (select_model(cfg, scores, lens, group, n_obs=n_obs)
+                if cfg.allocates_across_layers else
+                [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)
+                 for il in range(shape.n_layer)])
         t2 = time.perf_counter()
         evicted = 0
         for il, sel in enumerate(sels):
@@ -269,6 +313,9 @@ class AdaKVCache(KVCache):
             rc.reserve(headroom)
         if evicted:
             R.release_free_memory()
+        if kvzip:  # the kept rows remember their scores for the next compression
+            self.row_scores.store(rc, scores, lens, sels, group, self.tokens)
+            self._scored_tokens = tuple(self.tokens)
         t3 = time.perf_counter()
         a = self.stats
         a.compressions += 1
@@ -278,6 +325,41 @@ class AdaKVCache(KVCache):
         a.compact_s += t3 - t2
         self.free_rows = self._min_free_rows()
         return sels
+
+    def kvzip_scores(self, cfg: Any = None, *, reconstruct: bool | None = None) -> Any:
+        """The kvzip policies' scores of the rows held now (flat, the ``observe_flat``
+        layout), without compressing: per query head and row, the maximum attention from
+        the last ``window`` queries, from a reconstruction of the text processed since the
+        rows were last scored (when ``reconstruct``, or by default when that text is
+        longer than the window), and -- for rows kept by an earlier kvzip compression --
+        from the queries that scored them then."""
+        import numpy as np
+
+        rc, shape = self.rc, self.shape
+        cfg = cfg if cfg is not None else self.config
+        group = shape.n_head // shape.n_head_kv
+        lens = rc.all_lengths()
+        acc = None
+        n = min(cfg.window, rc.window_available())
+        if n >= 1:
+            acc = rc.observe_flat(n, reduce="max")
+        new = self.tokens[common_prefix(self._scored_tokens, self.tokens):]
+        if reconstruct is None:
+            reconstruct = len(new) > cfg.window
+        if reconstruct and new:
+            if self.recon_prompt is None:
+                raise AdaKVError("no reconstruction prompt: the kvzip policies need one "
+                                 "(LocalLLM sets it from the chat template)")
+            acc = reconstruction_scores(self, new, self.recon_prompt, self.opts.recon_chunk,
+                                        acc=acc, stats=self.recon_stats)
+        if acc is None:  # no query has seen these rows yet
+            acc = np.zeros(rc.observe_size(), dtype=np.float32)
+        self.row_scores.merge_into(rc, acc, lens, group, self.tokens)
+        if not np.isfinite(acc).all():
+            raise ModelError("the model's attention scores are NaN or infinite (its weights "
+                             "or hyper-parameters are damaged): Ada-KV cannot rank rows; "
+                             "check the file, or run it without kv_budget")
+        return acc
 
     def config_for(self, policy: str | None, budget: int | None,
                    options: dict[str, Any]) -> Any:
@@ -309,6 +391,7 @@ class AdaKVCache(KVCache):
         self.rc.restore(snap.ragged)
         self.tokens = list(snap.tokens)
         self.free_rows = self._min_free_rows()
+        self._forget_scores()  # the snapshot's rows are scored afresh
 
     # ------------------------------------------------------------------ report
     def describe(self) -> dict[str, Any]:
@@ -316,7 +399,7 @@ class AdaKVCache(KVCache):
         lens = [ln.tolist() for ln in rc.all_lengths()]
         caps = [c.tolist() for c in rc.all_capacities()]
         # where the pools live: bytes per backend buffer type (CPU, CUDA0, ...)
-        head_row = (shape.head_dim_k + shape.head_dim_v) * 2  # one row of one KV head
+        head_row = shape.head_row_bytes(self.type_k, self.type_v)  # one row of one KV head
         by_buffer: dict[str, int] = {}
         for il, cs in enumerate(caps):
             name = rc.buffer_type(il)
@@ -337,6 +420,9 @@ class AdaKVCache(KVCache):
             "peak_bytes_allocated": a.peak_bytes,
             "headroom": self.opts.headroom,
             "prefill_mode": self.opts.prefill,
+            "recon_chunk": self.opts.recon_chunk,
+            "reconstruction": self.recon_stats.as_dict(),
+            "kv_types": f"{self.type_k}/{self.type_v}",
             "bytes_by_buffer_type": by_buffer,
             "bytes_on_device": sum(b for n, b in by_buffer.items()
                                    if not n.upper().startswith("CPU")),

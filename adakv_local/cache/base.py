@@ -50,12 +50,14 @@ class KVCache(Closing):
         n_batch: most tokens per ``llama_decode``.
         n_vocab: logits width.
         verbose: show a progress bar on long prefills (on a terminal).
+        type_k, type_v: the K/V cache types (:data:`~adakv_local.bindings.llama.KV_TYPES`).
     """
 
     def __init__(self, ctx: Any, shape: ModelShape, *, n_batch: int, n_vocab: int,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, type_k: str = "f16", type_v: str = "f16") -> None:
         self.ctx = ctx
         self.shape = shape
+        self.type_k, self.type_v = type_k, type_v
         # llama.cpp lowers n_batch to n_ctx (before padding n_ctx to 256): a larger batch
         # would fail its GGML_ASSERT(n_tokens_all <= n_batch) and abort the process
         self.n_batch = min(n_batch, int(C.llama_n_batch(ctx)))
@@ -105,9 +107,41 @@ class KVCache(Closing):
         """(bytes allocated, bytes of live rows) of the KV cache."""
         raise NotImplementedError
 
+    def row_bytes(self) -> int:
+        """Bytes of K and V for one token across all layers and KV heads, in this cache's
+        types (what a full cache spends per token)."""
+        return self.shape.row_bytes(self.type_k, self.type_v)
+
     def describe(self) -> dict[str, Any]:
         """Extra ``kv_stats()`` entries of this kind of cache."""
         return {}
+
+    def report(self, *, mode: str, n_ctx: int, extra: dict[str, Any]) -> dict[str, Any]:
+        """``LocalLLM.kv_stats()``: the memory now next to what vanilla llama.cpp holds (in
+        this cache's K/V types), the timers, ``extra`` and :meth:`describe`'s entries."""
+        row = self.row_bytes()
+        n = len(self.tokens)
+        alloc, used = self.kv_bytes()
+        st = self.stats
+        return {
+            "mode": mode,
+            "tokens_seen": n,
+            "rows_kept": n,
+            "n_ctx": n_ctx,
+            "bytes_allocated": alloc,
+            "bytes_used": used,
+            "vanilla_bytes": n_ctx * row,
+            "vanilla_bytes_for_tokens": n * row,
+            "row_bytes_all_heads": row,
+            "prefill_tokens": st.prefill_tokens,
+            "prefill_seconds": st.prefill_seconds,
+            "decode_tokens": st.decode_tokens,
+            "decode_seconds": st.decode_seconds,
+            "reused_tokens": st.reused_tokens,
+            "cache_resets": st.resets,
+            **extra,
+            **self.describe(),
+        }
 
     # ------------------------------------------------------------------ the interface
     def close(self) -> None:

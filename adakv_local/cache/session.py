@@ -95,6 +95,7 @@ def save(cache: KVCache, path: str | os.PathLike[str], *, model_path: Path) -> d
         "runtime_patches": runtime_patches(),
         "libllama_sha256": _libllama_sha256(),
         "config": _cache_config(cache),
+        "kv_types": [cache.type_k, cache.type_v],
         "n_tokens": len(cache.tokens),
     }
     from .. import __version__
@@ -186,6 +187,13 @@ def check(meta: dict[str, Any], cache: KVCache, *, model_path: Path, path: Path)
     elif meta.get("libllama_sha256") != _libllama_sha256():
         raise SessionError(f"{path} was saved by another libllama build and the patch series "
                            "of one of them is unknown: recreate the session with this runtime")
+    types = [cache.type_k, cache.type_v]
+    if meta.get("kv_types", ["f16", "f16"]) != types:
+        theirs_t = meta.get("kv_types")
+        raise SessionError(f"{path} holds a {'/'.join(map(str, theirs_t or []))} K/V cache but "
+                           f"this LocalLLM uses {'/'.join(types)}: create it with "
+                           f"type_k={theirs_t[0]!r}, type_v={theirs_t[1]!r}" if theirs_t else
+                           f"{path} has no K/V types")
     cfg = _cache_config(cache)
     if cfg != meta.get("config"):
         theirs_cfg = meta.get("config") or {}

@@ -16,7 +16,8 @@ class VanillaCache(KVCache):
 
     @classmethod
     def create(cls, model: Any, cparams: Any, shape: ModelShape, *, n_batch: int,
-               n_vocab: int, verbose: bool = False) -> VanillaCache:
+               n_vocab: int, verbose: bool = False, type_k: str = "f16",
+               type_v: str = "f16") -> VanillaCache:
         """A new context over ``model``; ModelError (with llama.cpp's reason) on failure."""
         ctx = C.llama_init_from_model(model, cparams)
         if not ctx:
@@ -24,7 +25,8 @@ class VanillaCache(KVCache):
             raise ModelError(
                 f"llama.cpp could not create a context of {cparams.n_ctx} tokens (out of "
                 "memory?): " + " | ".join(why))
-        return cls(ctx, shape, n_batch=n_batch, n_vocab=n_vocab, verbose=verbose)
+        return cls(ctx, shape, n_batch=n_batch, n_vocab=n_vocab, verbose=verbose,
+                   type_k=type_k, type_v=type_v)
 
     def _drop_tail(self, n: int) -> bool:
         return bool(C.llama_memory_seq_rm(self.mem, 0, n, -1))
@@ -36,5 +38,5 @@ class VanillaCache(KVCache):
         C.llama_memory_clear(self.mem, True)
 
     def kv_bytes(self) -> tuple[int, int]:
-        row = self.shape.row_bytes()
+        row = self.row_bytes()
         return self.n_ctx * row, len(self.tokens) * row

@@ -8,7 +8,7 @@ full), so this loop never knows which kind it drives.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,24 @@ class Usage:
         """The ``usage`` dict of a response."""
         p, c = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def greedy(logits: Any, decode: Callable[[int], Any], is_eog: Callable[[int], bool], n: int,
+           *, ignore_eos: bool = True, step_seconds: list[float] | None = None) -> list[int]:
+    """``n`` greedy tokens from ``logits`` on, each fed back through ``decode`` (stopping at
+    an end-of-generation token unless ``ignore_eos``); ``step_seconds`` receives the wall
+    time of every decode step."""
+    out: list[int] = []
+    for _ in range(n):
+        tok = int(logits.argmax())
+        out.append(tok)
+        if not ignore_eos and is_eog(tok):
+            break
+        t0 = time.perf_counter()
+        logits = decode(tok)
+        if step_seconds is not None:
+            step_seconds.append(time.perf_counter() - t0)
+    return out
 
 
 def generate(cache: KVCache, vocab: Any, tokens: list[int], sp: Sampling,

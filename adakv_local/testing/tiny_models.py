@@ -90,6 +90,12 @@ BIG_PRESETS: dict[str, dict[str, Any]] = {
     "llama-8b-q4k": dict(arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
                          n_ff=14336, n_vocab=32000, n_ctx_train=32768,
                          rope_freq_base=500_000.0, dtype="q4_k"),
+    # The attention of Llama-3-8B (32 layers, 32/8 heads, head_dim 128) with a small MLP and
+    # vocabulary, Q4_K, ~1 GiB: on a CPU the attention (and any per-head overhead in it)
+    # weighs far more of a decode step than in the real 8B model, whose MLP dominates.
+    "llama-8b-attn-q4k": dict(arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
+                              n_ff=1024, n_vocab=4096, n_ctx_train=32768,
+                              rope_freq_base=500_000.0, dtype="q4_k"),
 }
 """Large configurations for GPU tests (slow to write on CPU, large on disk)."""
 

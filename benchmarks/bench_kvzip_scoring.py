@@ -1,0 +1,129 @@
+"""Context-reconstruction scoring time vs prefill time, and its memory (issue 17 item 2).
+
+One process per configuration (so peak RSS is its own): a seeded needle document of
+~N tokens is prefilled by ``LocalLLM(kv_budget=B, policy="ada-kvzip")`` and compressed;
+the report splits the compression into the reconstruction's forward passes (``feed``), the
+``observe_max`` graphs, the running max + removal of the chunk rows (``accumulate``), the
+query-ring resizes, selection and compaction, next to the prefill's own model time, and
+records the extra rows and ring slots the scoring held, the ring's bytes and the RSS
+before / after scoring.
+
+    .venv/bin/python benchmarks/bench_kvzip_scoring.py [--lengths 2048,8192]
+        [--chunks 256,512,1024] [--budget 256] [--threads 2] [--prefill full|chunked]
+        [--json benchmarks/results/kvzip_scoring.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss() -> int:
+    """Current resident set size, bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_one(n_tokens: int, chunk: int, budget: int, threads: int, prefill: str,
+            prefill_chunk: int) -> dict:
+    from adakv_local import LocalLLM
+    from adakv_local.bench.eval_tasks import make_sample
+
+    n_ctx = n_tokens + chunk + 512
+    llm = LocalLLM(None, kv_budget=budget, policy="ada-kvzip", n_ctx=n_ctx, n_threads=threads,
+                   recon_chunk=chunk, prefill=prefill, chunk=prefill_chunk, seed=0)
+    s = make_sample("niah-single", n_tokens, 0,
+                    count_tokens=lambda x: len(llm.tokenize(x.user_text())))
+    toks = llm.tokenize(llm.format_chat([{"role": "user", "content": s.context}]),
+                        add_bos=False)
+    cache = llm._cache
+    rss0 = _rss()
+    peaks = {"rss_during_scoring": 0}
+    real = cache.kvzip_scores
+
+    def scored(*a, **kw):  # RSS right after the reconstruction, before compaction
+        out = real(*a, **kw)
+        peaks["rss_during_scoring"] = max(peaks["rss_during_scoring"], _rss())
+        return out
+
+    cache.kvzip_scores = scored
+    t0 = time.perf_counter()
+    llm.prefill_tokens(toks)
+    wall = time.perf_counter() - t0
+    st = llm.kv_stats()
+    rc = llm.ragged
+    rec = st["reconstruction"]
+    slot = sum(rc.n_head(il) * rc.n_embd_head(il) * 4 for il in range(rc.n_layer))
+    scoring = rec["feed_s"] + rec["observe_s"] + rec["accumulate_s"] + rec["ring_s"]
+    out = {
+        "prompt_tokens": len(toks), "recon_chunk": chunk, "budget": budget,
+        "prefill_mode": prefill, "threads": threads,
+        "prefill_s": st["prefill_seconds"], "scoring_s": scoring,
+        "ratio": scoring / st["prefill_seconds"],
+        "feed_s": rec["feed_s"], "observe_s": rec["observe_s"],
+        "accumulate_s": rec["accumulate_s"], "ring_s": rec["ring_s"],
+        "select_s": st["select_seconds"], "compact_s": st["compact_seconds"],
+        "compress_total_s": st["observe_seconds"] + st["select_seconds"]
+        + st["compact_seconds"],
+        "wall_s": wall, "recon_tokens": rec["tokens"], "chunks": rec["chunks"],
+        "peak_extra_rows": rec["peak_extra_rows"], "peak_ring_slots": rec["peak_ring_slots"],
+        "ring_bytes": rec["peak_ring_slots"] * slot, "ring_bytes_per_slot": slot,
+        "peak_layer_rows": st["peak_layer_rows"],
+        "rss_before_prefill": rss0, "rss_after_scoring": peaks["rss_during_scoring"],
+        "rss_after": _rss(),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rows_kept": st["rows_kept"],
+    }
+    llm.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="2048,8192")
+    ap.add_argument("--chunks", default="512")
+    ap.add_argument("--budget", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", default="full", choices=["full", "chunked"])
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--json", default=str(RESULTS / "kvzip_scoring.json"))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
+    ns = ap.parse_args()
+    if ns.one:
+        n, c = (int(x) for x in ns.one.split(":"))
+        print(json.dumps(run_one(n, c, ns.budget, ns.threads, ns.prefill, ns.prefill_chunk)))
+        return 0
+    from adakv_local.bench.machine import machine_info
+
+    runs = []
+    for n in (int(x) for x in ns.lengths.split(",")):
+        for c in (int(x) for x in ns.chunks.split(",")):
+            cmd = [sys.executable, __file__, "--one", f"{n}:{c}", "--budget", str(ns.budget),
+                   "--threads", str(ns.threads), "--prefill", ns.prefill,
+                   "--prefill-chunk", str(ns.prefill_chunk)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            runs.append(r)
+            print(f"{r['prompt_tokens']:>6} tokens, chunk {c:>4}: prefill {r['prefill_s']:.1f} s, "
+                  f"scoring {r['scoring_s']:.1f} s ({r['ratio']:.2f}x: forward "
+                  f"{r['feed_s']:.1f}, observe {r['observe_s']:.1f}, accumulate "
+                  f"{r['accumulate_s']:.2f}, ring {r['ring_s']:.2f}), extra rows "
+                  f"{r['peak_extra_rows']}, ring {r['ring_bytes'] / 2**20:.1f} MiB, RSS "
+                  f"{r['rss_before_prefill'] / 2**20:.0f} -> {r['rss_after_scoring'] / 2**20:.0f}"
+                  f" MiB (peak {r['peak_rss'] / 2**20:.0f})", flush=True)
+            Path(ns.json).write_text(json.dumps({"machine": machine_info(), "runs": runs},
+                                                indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

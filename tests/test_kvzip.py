@@ -1,0 +1,243 @@
+"""Context-reconstruction (KVzip-style) scoring on the real runtime and the default model.
+
+- scoring leaves no trace: rows (K/V bitwise), positions, lengths, the token history and
+  ``n_past`` are as before, the query ring is back to its size, and -- with the capacities
+  put back -- the next logits are bit-identical to a twin context that never scored (the
+  same kernels on the same views: the reconstruction rows are gone before the next decode);
+- the scores are exactly the running maximum of the chunks' observations (and of the last
+  window's), and the chunks fed are KVzip's prompt + the text, in order;
+- memory stays bounded while scoring: at most ``prompt + recon_chunk`` extra rows per head
+  and a ring of as many slots; with ``prefill="chunked"`` every chunk is scored against the
+  rows held and the peak allocation stays ``budget + chunk + prompt + recon_chunk`` (plus
+  headroom) rows per head;
+- the kvzip policies compress to the budget through ``LocalLLM``; decode-time compressions
+  do not reconstruct; kept rows carry their scores to the next compression, and a rewind
+  drops the ones of removed positions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adakv_local import LocalLLM
+from adakv_local.bench.eval_tasks import make_sample
+from adakv_local.bindings import ragged
+
+pytestmark = pytest.mark.skipif(not ragged.available(), reason="needs the patched runtime")
+
+
+def _doc(llm: LocalLLM, n: int, seed: int = 0) -> list[int]:
+    s = make_sample("niah-single", n, seed, source="filler")
+    return llm.tokenize(llm.format_chat([{"role": "user", "content": s.context}]),
+                        add_bos=False)
+
+
+def _state(llm: LocalLLM) -> dict:
+    rc = llm.ragged
+    return {"lens": [x.copy() for x in rc.all_lengths()],
+            "pos": [[rc.positions(il, h) for h in range(rc.n_head_kv(il))]
+                    for il in range(rc.n_layer)],
+            "rows": [rc.read_rows(il, h) for il in (0, rc.n_layer // 2, rc.n_layer - 1)
+                     for h in range(rc.n_head_kv(il))],
+            "n_past": rc.n_past, "tokens": llm.tokens_in_cache, "n_window": rc.n_window}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["n_past"] == b["n_past"] and a["tokens"] == b["tokens"]
+    assert a["n_window"] == b["n_window"]
+    for x, y in zip(a["lens"], b["lens"], strict=True):
+        np.testing.assert_array_equal(x, y)
+    for la, lb in zip(a["pos"], b["pos"], strict=True):
+        for x, y in zip(la, lb, strict=True):
+            np.testing.assert_array_equal(x, y)
+    for (ka, va), (kb, vb) in zip(a["rows"], b["rows"], strict=True):
+        np.testing.assert_array_equal(ka, kb)
+        np.testing.assert_array_equal(va, vb)
+
+
+@pytest.fixture(scope="module")
+def twins(default_model: Path):
+    """Two Ada-KV instances with the same 700-token document prefilled (nothing evicted)."""
+    kw = dict(kv_budget=2047, policy="ada-kvzip", n_ctx=2048, n_threads=2, seed=0,
+              recon_chunk=256)
+    a, b = LocalLLM(default_model, **kw), LocalLLM(default_model, **kw)
+    doc = _doc(a, 700)
+    for llm in (a, b):
+        llm.prefill_tokens(doc)
+    yield a, b, doc
+    a.close()
+    b.close()
+
+
+def test_scoring_leaves_no_trace_and_scores_are_the_running_max(twins) -> None:
+    from adakv_local.cache.reconstruct import reconstruction_scores
+
+    a, b, doc = twins
+    cache = a._cache
+    before = _state(a)
+    caps = [c.copy() for c in a.ragged.all_capacities()]
+    snap = a.snapshot()
+    fed: list[list[int]] = []
+    obs_seen: list[tuple[np.ndarray, list[np.ndarray]]] = []
+    real_feed = cache.feed_tokens
+
+    def spy(toks, **kw):
+        fed.append(list(toks))
+        return real_feed(toks, **kw)
+
+    cache.feed_tokens = spy
+    window_obs = a.ragged.observe_flat(32, reduce="max")
+    try:
+        scores = reconstruction_scores(cache, doc, cache.recon_prompt, 256, acc=None,
+                                       on_chunk=lambda o, ln: obs_seen.append((o.copy(), ln)))
+    finally:
+        del cache.feed_tokens
+    _same(before, _state(a))
+    # the chunks: KVzip's prompt, then the text, 256 tokens at a time
+    p = cache.recon_prompt
+    assert len(fed) == len(obs_seen) == -(-len(doc) // 256)
+    for i, seq in enumerate(fed):
+        part = doc[256 * i:256 * (i + 1)]
+        assert seq == p.for_chunk(i, doc[256 * (i - 1):256 * i] if i else []) + part
+    assert fed[1][:len(p.opener) + len(p.later)] == [*p.opener, *p.later]
+    assert fed[1][len(p.opener) + len(p.later):][:8] == doc[256 - 8:256]
+    # the scores are the running max of the chunk observations over the rows held
+    lens0 = before["lens"]
+    manual = np.maximum.reduce([_held(o, ln, lens0, 3) for o, ln in obs_seen])
+    assert np.array_equal(scores, manual)
+    st = cache.recon_stats
+    assert st.peak_extra_rows <= p.longest + 256 and st.peak_ring_slots <= p.longest + 256
+    # with the capacities put back, decoding is bit-identical to the twin that never scored
+    for il, c in enumerate(caps):
+        a.ragged.resize(il, c)
+    tok = int(np.argmax(a._cache.logits()))
+    np.testing.assert_array_equal(a.append_tokens([tok]), b.append_tokens([tok]))
+    b.rewind(len(doc))
+    # the controller's scores add the last window's maxima (restored with the snapshot)
+    a.restore(snap)
+    snap.close()
+    full = cache.kvzip_scores(reconstruct=True)
+    assert np.array_equal(full, np.maximum(window_obs, scores))
+    _same(before, _state(a))
+
+
+def _held(obs: np.ndarray, lens: list[np.ndarray], lens0: list[np.ndarray], g: int
+          ) -> np.ndarray:
+    """The held rows of every head of an observation, by plain slicing."""
+    out, off = [], 0
+    for ln, l0 in zip(lens, lens0, strict=True):
+        for n, n0 in zip(ln.tolist(), l0.tolist(), strict=True):
+            out.append(obs[off:off + g * n].reshape(g, n)[:, :n0].reshape(-1))
+            off += g * n
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("policy", ["kvzip", "ada-kvzip", "ada-kvzip-global"])
+def test_policies_compress_to_the_budget(default_model: Path, policy: str) -> None:
+    with LocalLLM(default_model, kv_budget=96, policy=policy, n_ctx=2048, n_threads=2,
+                  recon_chunk=512) as llm:
+        llm.prefill_tokens(_doc(llm, 700, seed=1))
+        st = llm.kv_stats()
+        rc = llm.ragged
+        lens = rc.all_lengths()
+        assert st["reconstruction"]["calls"] == 1 and st["reconstruction"]["chunks"] == 2
+        total = sum(int(x.sum()) for x in lens)
+        assert abs(total - rc.n_layer * llm.n_head_kv * 96) <= rc.n_layer * llm.n_head_kv
+        per_layer = [int(x.sum()) for x in lens]
+        if policy == "ada-kvzip-global":  # budget moved across layers
+            assert max(per_layer) - min(per_layer) > 30
+        else:
+            assert all(abs(x - llm.n_head_kv * 96) <= llm.n_head_kv for x in per_layer)
+        if policy == "kvzip":
+            assert all((x == 96).all() for x in lens)
+        # the kept rows remember their scores
+        entries = llm._cache.row_scores.entries
+        for il in range(rc.n_layer):
+            for h in range(llm.n_head_kv):
+                pos, val = entries[il][h]
+                np.testing.assert_array_equal(pos, rc.positions(il, h))
+                assert val.shape == (llm.n_head // llm.n_head_kv, lens[il][h])
+        # decoding past the headroom compresses again, without reconstructing
+        c0 = st["compressions"]
+        llm.greedy_ids(llm.tokens_in_cache, 80)
+        st = llm.kv_stats()
+        assert st["compressions"] > c0 and st["reconstruction"]["calls"] == 1
+
+
+def test_stored_scores_join_the_next_compression_and_rewinds_drop_them(
+        default_model: Path) -> None:
+    with LocalLLM(default_model, kv_budget=96, policy="ada-kvzip", n_ctx=2048,
+                  n_threads=2) as llm:
+        doc = _doc(llm, 600, seed=2)
+        llm.prefill_tokens(doc)
+        cache, rc = llm._cache, llm.ragged
+        g = llm.n_head // llm.n_head_kv
+        stored = {(il, h, int(p)): val[:, j].copy()
+                  for il, layer in enumerate(cache.row_scores.entries)
+                  for h, (pos, val) in enumerate(layer) for j, p in enumerate(pos)}
+        assert len(stored) == sum(int(x.sum()) for x in rc.all_lengths())
+        # right after a reconstruction no window query is stored: the scores are the kept ones
+        assert rc.window_available() == 0
+        fresh = cache.kvzip_scores(reconstruct=False)
+        want = np.concatenate([val.reshape(-1) for layer in cache.row_scores.entries
+                               for _, val in layer])
+        assert np.array_equal(fresh, want)
+        # 40 more tokens: old rows get max(stored, window), new rows the window's maxima
+        llm.append_tokens(doc[100:140])
+        window = rc.observe_flat(32, reduce="max")
+        got = cache.kvzip_scores(reconstruct=False)
+        off = 0
+        for il, lens in enumerate(rc.all_lengths()):
+            for h, n in enumerate(lens.tolist()):
+                blk, wblk = (x[off:off + g * n].reshape(g, n) for x in (got, window))
+                for j, p in enumerate(rc.positions(il, h).tolist()):
+                    ref = stored.get((il, h, p))
+                    exp = wblk[:, j] if ref is None else np.maximum(wblk[:, j], ref)
+                    assert np.array_equal(blk[:, j], exp)
+                off += g * n
+        # a rewind below some kept rows: their stored scores no longer count
+        cut = len(doc) - 100
+        llm.rewind(cut)
+        lens = rc.all_lengths()
+        acc = np.zeros(g * sum(int(x.sum()) for x in lens), dtype=np.float32)
+        hits = cache.row_scores.merge_into(rc, acc, lens, g, llm.tokens_in_cache)
+        assert hits == sum(int((rc.positions(il, h) < cut).sum())
+                           for il in range(rc.n_layer) for h in range(llm.n_head_kv))
+        llm.reset()
+        assert not cache.row_scores
+
+
+def test_chunked_prefill_scores_every_chunk_within_its_bound(default_model: Path) -> None:
+    budget, chunk, rchunk = 64, 256, 128
+    with LocalLLM(default_model, kv_budget=budget, policy="ada-kvzip", prefill="chunked",
+                  chunk=chunk, recon_chunk=rchunk, n_ctx=2048, n_threads=2) as llm:
+        doc = _doc(llm, 1000, seed=3)
+        llm.prefill_tokens(doc)
+        st = llm.kv_stats()
+        n_chunks = -(-len(doc) // chunk)
+        assert st["reconstruction"]["calls"] == n_chunks
+        longest = llm._cache.recon_prompt.longest
+        bound = llm.n_head_kv * (budget + chunk + longest + rchunk + 64 + 256)
+        print(f"\npeak layer rows {st['peak_layer_rows']} (bound {bound}), "
+              f"reconstruction {st['reconstruction']}")
+        assert st["peak_layer_rows"] <= bound
+        assert st["reconstruction"]["peak_extra_rows"] <= longest + rchunk
+        assert max(max(x) for x in st["rows_per_head"]) <= 2 * budget
+
+
+def test_ring_memory_is_the_chunk_and_comes_back(twins) -> None:
+    a, _, doc = twins
+    rc = a.ragged
+    w0 = rc.n_window
+    slot_bytes = sum(rc.n_head(il) * rc.n_embd_head(il) * 4 for il in range(rc.n_layer))
+    assert slot_bytes == 30 * 9 * 64 * 4  # SmolLM2: 69 KB per query slot
+    a._cache.kvzip_scores(reconstruct=True)
+    st = a._cache.recon_stats
+    assert st.peak_ring_slots == a._cache.recon_prompt.longest + 256
+    assert rc.n_window == w0 and rc.window_available() == 0
+    # a snapkv compression right after needs window queries: a clear error, not a crash
+    with pytest.raises(Exception, match="window queries"):
+        a.compress("ada-snapkv", 64)
