@@ -10,7 +10,8 @@
   equals a float64 numpy computation from them.
 - After compaction the next logits match the float PyTorch reference with the same keep masks
   about as closely as a Q8_0 cache matches it without eviction (quantization noise, not
-  eviction error: stated tolerance KL < 2e-2, and the same argmax).
+  eviction error: stated tolerance KL < 2e-2, and the same argmax), on both attention paths
+  of unequal heads: the fused CPU kernel and one flash attention per KV head.
 - Snapshots of Q8_0 memories round-trip bitwise; LocalLLM(type_k="q8_0") with a budget holds
   34/64 of the f16 bytes per row.
 Skipped when the loaded libllama lacks the ragged symbols.
@@ -171,6 +172,23 @@ def test_q8_compaction_matches_reference(tmp_path: Path) -> None:
                 (base if trial == 0 else kls).append(_kl(want[i], got[i]))
     print(f"\n[q8 oracle] KL no eviction {max(base):.2e}, after compaction {max(kls):.2e}")
     assert max(kls) < 2e-2, (max(base), max(kls))
+
+
+def test_q8_per_head_flash_attention_path_matches_reference_too() -> None:
+    """After compaction the 4-token decode above runs the patch's fused CPU kernel (Q8_0 rows
+    read block by block); with LLAMA_RAGGED_FUSED=0 it runs one flash attention per KV head.
+    The oracle holds on both paths (a subprocess: the switch is read once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLAMA_RAGGED_FUSED="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         f"{__file__}::test_q8_compaction_matches_reference"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
 
 
 def test_q8_snapshot_and_llm(default_model: Path, tmp_path: Path) -> None:

@@ -285,6 +285,7 @@ class RaggedContext(Closing):
         self._n_embd_head = [self._call("llama_ragged_n_embd_head", il)
                              for il in range(self.n_layer)]
         self._n_head_q = [self._call("llama_ragged_n_head", il) for il in range(self.n_layer)]
+        self._free_bufs: Any = None  # free_rows()'s buffers (the head counts never change)
 
     # -- creation / lifetime ----------------------------------------------------------
 
@@ -412,6 +413,29 @@ class RaggedContext(Closing):
 
     def all_capacities(self) -> list[np.ndarray]:
         return [self.capacities(il) for il in range(self.n_layer)]
+
+    def free_rows(self) -> tuple[int, int]:
+        """(the fewest free rows of any head, the most rows any layer allocates): what the
+        controller needs at every call, read into two preallocated buffers -- two C calls
+        per layer and no per-layer Python objects (``all_lengths``/``all_capacities`` cost
+        about 0.3 ms on a 30-layer model, this about a tenth of it)."""
+        self._alive()
+        if self._free_bufs is None:
+            starts = np.cumsum([0] + self._n_head_kv)
+            lens = np.empty(int(starts[-1]), dtype=np.int32)
+            caps = np.empty_like(lens)
+            cast = self._ffi.cast
+            self._free_bufs = (lens, caps, starts[:-1].copy(), [
+                (cast("int32_t *", lens.ctypes.data + 4 * int(o)),
+                 cast("int32_t *", caps.ctypes.data + 4 * int(o))) for o in starts[:-1]])
+        lens, caps, starts, ptrs = self._free_bufs
+        ctx = self._ffi.cast("void *", self._ctx)
+        f_len, f_cap = self._lib.llama_ragged_lengths, self._lib.llama_ragged_capacities
+        for il, (pl, pc) in enumerate(ptrs):
+            if f_len(ctx, il, pl) < 0 or f_cap(ctx, il, pc) < 0:
+                raise RaggedError(f"reading the lengths of layer {il} failed: "
+                                  f"{_last_error(self._ffi, self._lib)}", -1)
+        return int((caps - lens).min()), int(np.add.reduceat(caps, starts).max())
 
     def positions(self, il: int, h: int) -> np.ndarray:
         """Token positions of the live rows of head ``h`` of layer ``il`` (ascending)."""

@@ -229,11 +229,10 @@ class AdaKVCache(KVCache):
     # ------------------------------------------------------------------ room
     def _min_free_rows(self) -> int:
         """Free rows of the fullest head; also records the peak allocation per layer."""
-        caps, lens = self.rc.all_capacities(), self.rc.all_lengths()
-        layer_rows = max(int(c.sum()) for c in caps)
+        free, layer_rows = self.rc.free_rows()
         self.stats.peak_layer_rows = max(self.stats.peak_layer_rows, layer_rows)
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.rc.kv_bytes()[0])
-        return int(min(int((c - ln).min()) for c, ln in zip(caps, lens, strict=True)))
+        return free
 
     def _reserve(self, rows: int) -> None:
         """Give every head at least ``rows`` free rows (full mode: the longest head's new
