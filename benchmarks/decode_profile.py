@@ -51,6 +51,7 @@ def _timed_decode(llm: Any, first: int, steps: int) -> dict[str, Any]:
     """``steps`` greedy steps from token ``first``: per step, the wall time and the time
     inside llama_decode."""
     from adakv_local.bindings.llama import C  # llama_cpp.llama_cpp, what decode() calls
+    from adakv_local.generation.loop import greedy
 
     inner: list[float] = []
     real = C.llama_decode
@@ -66,10 +67,7 @@ def _timed_decode(llm: Any, first: int, steps: int) -> dict[str, Any]:
         walls: list[float] = []
         logits = llm.decode_token(first)  # warm-up step (graph allocation), not counted
         inner.clear()
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            logits = llm.decode_token(int(logits.argmax()))
-            walls.append(time.perf_counter() - t0)
+        greedy(logits, llm.decode_token, llm.is_eog, steps, step_seconds=walls)
     finally:
         C.llama_decode = real
     cpu = time.process_time()

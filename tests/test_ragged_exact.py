@@ -148,6 +148,20 @@ def greedy(ctx: ctypes.c_void_p, first_logits: np.ndarray, p0: int, n_steps: int
     return toks, np.array(logits)
 
 
+def passes_without_fused_kernel(test_id: str) -> None:
+    """Run ``test_id`` (``file::name``) in a subprocess with ``LLAMA_RAGGED_FUSED=0``: decode
+    over unequal heads then takes one flash attention per KV head instead of the patch's
+    fused CPU kernel (the switch is read once per process); assert that it passes."""
+    import subprocess
+
+    env = dict(os.environ, LLAMA_RAGGED_FUSED="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", test_id],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+
+
 def rel_l2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row relative L2 error of a against the reference b."""
     a = np.atleast_2d(a).astype(np.float64)

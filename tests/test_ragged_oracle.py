@@ -25,6 +25,7 @@ from test_ragged_exact import (  # the import skips this module on an unpatched 
     decode,
     loaded_model,
     n_vocab_of,
+    passes_without_fused_kernel,
     prompt_tokens,
     write_tiny,
 )
@@ -159,14 +160,4 @@ def test_per_head_flash_attention_path_matches_reference_too() -> None:
     LLAMA_RAGGED_FUSED=0 they run one flash attention per KV head (the path other backends
     take). The compaction oracle holds on that path too (a subprocess: the switch is read
     once per process)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, LLAMA_RAGGED_FUSED="0")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         f"{__file__}::test_compaction_matches_reference_with_keep_masks"],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout
+    passes_without_fused_kernel(f"{__file__}::test_compaction_matches_reference_with_keep_masks")

@@ -30,6 +30,7 @@ from test_ragged_exact import (  # the import skips this module on an unpatched 
     decode,
     loaded_model,
     n_vocab_of,
+    passes_without_fused_kernel,
     prompt_tokens,
     write_tiny,
 )
@@ -178,17 +179,7 @@ def test_q8_per_head_flash_attention_path_matches_reference_too() -> None:
     """After compaction the 4-token decode above runs the patch's fused CPU kernel (Q8_0 rows
     read block by block); with LLAMA_RAGGED_FUSED=0 it runs one flash attention per KV head.
     The oracle holds on both paths (a subprocess: the switch is read once per process)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, LLAMA_RAGGED_FUSED="0")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         f"{__file__}::test_q8_compaction_matches_reference"],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout
+    passes_without_fused_kernel(f"{__file__}::test_q8_compaction_matches_reference")
 
 
 def test_q8_snapshot_and_llm(default_model: Path, tmp_path: Path) -> None:
