@@ -257,7 +257,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                     budgets=tuple(ns.budgets), policies=tuple(ns.policies),
                     modes=tuple(modes), samples=ns.samples, seed=ns.seed,
                     teacher_tokens=ns.teacher_tokens, threads=ns.threads, source=ns.source,
-                    kernel=ns.kernel, pool_align=ns.pool_align)
+                    kernel=ns.kernel, pool_align=ns.pool_align, kv_type=ns.kv_type)
     report = run_eval(spec, progress=not ns.quiet, verbose=ns.verbose)
     print(table(report))
     n_prompts = spec.samples * len(spec.tasks) * len(spec.lengths)
@@ -368,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="haystack text (auto: the essays when installed)")
     _add_pooling_args(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--kv-type", choices=["f16", "q8_0"], default="f16",
+                   help="K/V pool type of every configuration, the full cache included "
+                        "(default f16)")
     p.add_argument("--json", default=None, help="write the report (cells and records) here")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

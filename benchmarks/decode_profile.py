@@ -11,13 +11,25 @@ alternate their order (this machine's load moves by tens of percent between minu
 - ``vanilla limit``: vanilla llama.cpp with a prompt of the same number of rows (the mean
   rows per head of the compressed cache): the decode time the budget can reach.
 
+With ``--breakdown`` each configuration then runs twice more, once per question:
+
+- ``graph build``: the same steps with ``LLAMA_GRAPH_REUSE_DISABLE=1``; the difference to the
+  timed run is what building the graph costs when it is not reused (llama.cpp reuses a decode
+  step's graph when its shape is unchanged; the ragged graph does when no head changed its
+  length class, see patches/README.md);
+- ``ops``: the steps with a ggml scheduler eval callback that asks for every node, so each node
+  is computed alone and timed; time is summed per op (``FLASH_ATTN_EXT``, ``MUL_MAT``,
+  ``CUSTOM`` = the fused ragged kernel, ``VIEW``/``CPY``/``CONCAT``, ...). Computing nodes one
+  by one adds a thread-pool round trip per node (the ``VIEW``-like no-op nodes measure it),
+  so the shares are what to read, not the totals.
+
 Headroom is set above ``--steps`` so that no compression happens while decoding: the steps
 time attention over the same rows, not the policy. Each step is split into the time inside
 ``llama_decode`` (graph build + compute, in C++) and the rest (Python: batch fill, logits
 copy, argmax, bookkeeping). Writes ``benchmarks/results/decode_profile_<tag>.json``.
 
     .venv/bin/python benchmarks/decode_profile.py [--model PATH] [--context 8192]
-        [--budget 512] [--steps 64] [--rounds 3] [--threads 2] [--tag cpu]
+        [--budget 512] [--steps 64] [--rounds 3] [--threads 2] [--breakdown] [--tag cpu]
 """
 
 from __future__ import annotations
@@ -79,8 +91,59 @@ def _timed_decode(llm: Any, first: int, steps: int) -> dict[str, Any]:
             "process_cpu_s": cpu}
 
 
+class _OpTimer:
+    """A ggml scheduler eval callback that asks for every node, so that the scheduler computes
+    the graph one node at a time, and sums the wall time of each node per op name."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        import llama_cpp
+        import llama_cpp.llama_cpp as C
+
+        from adakv_local.bindings.ragged import libllama_path
+
+        base = ctypes.CDLL(str(Path(libllama_path()).parent / "libggml-base.so"))
+        base.ggml_op_desc.restype = ctypes.c_char_p
+        base.ggml_op_desc.argtypes = [ctypes.c_void_p]
+        self._desc = base.ggml_op_desc
+        self.ms: dict[str, float] = {}
+        self.nodes: dict[str, int] = {}
+        self.on = False
+        self._t0 = 0.0
+
+        def cb(t: int, ask: bool, _user: int) -> bool:
+            if ask:
+                self._t0 = time.perf_counter()
+                return True
+            if self.on:
+                op = self._desc(t).decode()
+                self.ms[op] = self.ms.get(op, 0.0) + 1e3 * (time.perf_counter() - self._t0)
+                self.nodes[op] = self.nodes.get(op, 0) + 1
+            return True
+
+        self._cb = C.ggml_backend_sched_eval_callback(cb)  # kept alive with the timer
+        real = C.llama_context_default_params
+
+        def params() -> Any:
+            p = real()
+            p.cb_eval = self._cb
+            return p
+
+        # bindings.llama and bindings.ragged look these up at every context creation
+        C.llama_context_default_params = params
+        llama_cpp.llama_context_default_params = params
+
+    def report(self, steps: int) -> dict[str, Any]:
+        order = sorted(self.ms, key=lambda k: -self.ms[k])
+        return {"ms_per_step": {k: self.ms[k] / steps for k in order},
+                "nodes_per_step": {k: self.nodes[k] / steps for k in order}}
+
+
 def child(ns: argparse.Namespace) -> dict[str, Any]:
     from adakv_local.bench.compare import build_prompt
+
+    timer = _OpTimer() if ns.ops else None
 
     if ns.role == "prepare":
         llm = _llm(ns, ns.budget)
@@ -97,14 +160,27 @@ def child(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.role == "ada":
         llm = _llm(ns, ns.budget)
         llm.load_session(ns.session)
-        out = _timed_decode(llm, llm.tokens_in_cache[-1], ns.steps)
-        out["rows_mean"] = llm.kv_stats()["rows_kept"]
-        return out
-    llm = _llm(ns, None)  # vanilla at the limit: a prompt of the compressed cache's rows
-    toks = build_prompt(llm, ns.rows + 64, 0)[0][:ns.rows]  # (a timing prompt: cut to size)
-    llm.prefill_tokens(toks)
-    out = _timed_decode(llm, toks[-1], ns.steps)
-    out["rows_mean"] = len(toks)
+        first = llm.tokens_in_cache[-1]
+    else:
+        llm = _llm(ns, None)  # vanilla at the limit: a prompt of the compressed cache's rows
+        toks = build_prompt(llm, ns.rows + 64, 0)[0][:ns.rows]  # (timing prompt: cut to size)
+        llm.prefill_tokens(toks)
+        first = toks[-1]
+    if timer is not None:
+        llm.decode_token(first)  # the first step allocates the graph: not counted
+        timer.on = True
+        real, calls = llm.decode_token, [0]
+
+        def counted(tok: int) -> Any:
+            calls[0] += 1
+            return real(tok)
+
+        llm.decode_token = counted
+        out = _timed_decode(llm, first, ns.steps)
+        out.update(timer.report(calls[0]))
+    else:
+        out = _timed_decode(llm, first, ns.steps)
+    out["rows_mean"] = llm.kv_stats()["rows_kept"] if ns.role == "ada" else len(toks)
     return out
 
 
@@ -116,7 +192,7 @@ def spawn(ns: argparse.Namespace, role: str, env: dict[str, str] | None = None,
     if ns.model:
         args += ["--model", ns.model]
     for k, v in extra.items():
-        args += [f"--{k}", str(v)]
+        args += [f"--{k}"] if v is True else [f"--{k}", str(v)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=3600,
                           env=dict(os.environ, **(env or {})))
     if proc.returncode != 0:
@@ -133,7 +209,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-type", default="f16", help="pool type of the Ada-KV runs")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time each config without graph reuse and per ggml op")
     ap.add_argument("--tag", default="cpu")
+    ap.add_argument("--ops", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", dest="role", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--session", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
@@ -162,6 +241,18 @@ def main() -> int:
                 runs[name].append(configs[name]())
                 print(f"round {r + 1}: {name}: "
                       f"{runs[name][-1]['decode_ms_median']:.2f} ms/token", file=sys.stderr)
+        breakdown: dict[str, Any] = {}
+        if ns.breakdown:
+            envs = {"ada fused": {"LLAMA_RAGGED_FUSED": "1"},
+                    "ada per-head": {"LLAMA_RAGGED_FUSED": "0"}, "vanilla limit": {}}
+            for name, env in envs.items():
+                role = "vanilla" if name == "vanilla limit" else "ada"
+                noreuse = spawn(ns, role, dict(env, LLAMA_GRAPH_REUSE_DISABLE="1"), rows=rows)
+                ops = spawn(ns, role, env, rows=rows, ops=True)
+                breakdown[name] = {"no_graph_reuse": noreuse, "ops": ops}
+                print(f"breakdown: {name}: no reuse {noreuse['decode_ms_median']:.2f} ms, ops "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in
+                                  list(ops["ms_per_step"].items())[:6]), file=sys.stderr)
     summary = {name: {key: statistics.median(x[key] for x in rs)
                       for key in ("decode_ms_median", "llama_decode_ms_median",
                                   "host_ms_median")}
@@ -172,7 +263,8 @@ def main() -> int:
     report = {"machine": machine_info(), "model": ns.model or "default",
               "context": ns.context, "budget": ns.budget, "steps": ns.steps,
               "threads": ns.threads, "kv_type": ns.kv_type, "prepare": prep,
-              "seconds": time.perf_counter() - t0, "runs": runs, "summary": summary}
+              "seconds": time.perf_counter() - t0, "runs": runs, "summary": summary,
+              "breakdown": breakdown}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"decode_profile_{ns.tag}.json"
     out.write_text(json.dumps(report, indent=1))

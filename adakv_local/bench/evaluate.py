@@ -89,6 +89,9 @@ class EvalSpec:
     kernel: int = LOCALLLM_KERNEL
     pool_align: str = LOCALLLM_POOL_ALIGN
     kvzip_aware: str = "reuse"
+    kv_type: str = "f16"
+    """K and V pool type of every configuration, the full cache included (``"f16"``,
+    ``"q8_0"``): each run is scored against its own full cache."""
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -124,6 +127,8 @@ class EvalSpec:
             bad(f"pool_align must be causal or center, got {self.pool_align!r}")
         if self.source not in ("auto", "essays", "filler"):
             bad(f"source must be auto, essays or filler, got {self.source!r}")
+        if self.kv_type not in ("f16", "q8_0"):
+            bad(f"kv_type must be f16 or q8_0, got {self.kv_type!r}")
         if self.kvzip_aware not in ("reuse", "reconstruct"):
             bad(f"kvzip_aware must be reuse or reconstruct, got {self.kvzip_aware!r}")
 
@@ -222,7 +227,8 @@ class Evaluator(Closing):
         # a budget the prompts never reach (below n_ctx, as LocalLLM requires)
         self.llm = LocalLLM(spec.model, kv_budget=n_ctx - 1, policy="full", n_ctx=n_ctx,
                             n_threads=spec.threads, window=spec.window, verbose=verbose,
-                            seed=spec.seed, kernel=spec.kernel, pool_align=spec.pool_align)
+                            seed=spec.seed, kernel=spec.kernel, pool_align=spec.pool_align,
+                            type_k=spec.kv_type, type_v=spec.kv_type)
         self.group = self.llm.n_head // self.llm.n_head_kv
 
     def close(self) -> None:
