@@ -336,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG plot here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--kv-types", default="f16",
-                   help="K/V pool types of the Ada-KV runs, comma-separated (f16, q8_0)")
+                   help="K/V types, comma-separated (f16, q8_0): each Ada-KV config and "
+                        "vanilla run with each (ratios are against vanilla f16)")
     p.add_argument("--limit", action="store_true",
                    help="also vanilla with a prompt of each budget's size (decode's limit)")
     p.set_defaults(func=cmd_compare)

@@ -31,7 +31,8 @@ def main() -> int:
     ap.add_argument("--contexts", default=None, help="override, e.g. 1024,8192")
     ap.add_argument("--budgets", default=None, help="override, e.g. 512")
     ap.add_argument("--policies", default="ada-snapkv,snapkv")
-    ap.add_argument("--kv-types", default="f16", help="Ada-KV pool types, e.g. f16,q8_0")
+    ap.add_argument("--kv-types", default="f16",
+                    help="K/V types of the Ada-KV and vanilla runs, e.g. f16,q8_0")
     ap.add_argument("--limit", action="store_true",
                     help="add vanilla with a prompt of each budget's size (decode's limit)")
     ns = ap.parse_args()

@@ -33,7 +33,8 @@ def test_compare_tiny(tmp_path: Path, default_model: Path) -> None:
     report = json.loads(out_json.read_text())
     assert report["machine"]["cores"] >= 1
     runs = {r["label"]: r for r in report["runs"]}
-    assert set(runs) == {"vanilla", "vanilla (limit)", "ada-snapkv@128", "ada-snapkv@128/q8_0"}
+    assert set(runs) == {"vanilla", "vanilla/q8_0", "vanilla (limit)", "ada-snapkv@128",
+                         "ada-snapkv@128/q8_0"}
     for r in runs.values():
         for f in FIELDS:
             assert f in r, f
@@ -54,4 +55,12 @@ def test_compare_tiny(tmp_path: Path, default_model: Path) -> None:
     # (the same budget: per-head counts may move by a row with the quantized scores)
     assert q8["kv_bytes_allocated"] == pytest.approx(ada["kv_bytes_allocated"] * 34 / 64,
                                                      rel=0.02)
+    # vanilla with q8_0 K/V: the same cells at 34/64 of the bytes; every ratio is taken
+    # against vanilla f16 (not against the q8_0 vanilla run, which comes later in the list)
+    vq8 = runs["vanilla/q8_0"]
+    assert vq8["kv_bytes_allocated"] == pytest.approx(van["kv_bytes_allocated"] * 34 / 64,
+                                                      rel=0.001)
+    assert vq8["kv_bytes_ratio_vs_vanilla"] == pytest.approx(34 / 64, rel=0.001)
+    assert q8["kv_bytes_ratio_vs_vanilla"] == pytest.approx(
+        q8["kv_bytes_allocated"] / van["kv_bytes_allocated"])
     assert out_png.stat().st_size > 10_000

@@ -112,6 +112,7 @@ def test_bad_task_arguments() -> None:
     ({"samples": 0}, "samples"),
     ({"lengths": (1024.5,)}, "lengths"),
     ({"source": "web"}, "source"),
+    ({"kv_type": "q4_0"}, "kv_type"),
 ])
 def test_spec_refuses_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -161,7 +161,8 @@ def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
             decode_steps: int = 64, threads: int | None = None, n_gpu_layers: int = 0,
             timeout: float = 1800, progress: bool = True, kv_types: Sequence[str] = ("f16",),
             limit: bool = False) -> dict[str, Any]:
-    """Run vanilla (f16) and every (policy, budget, K/V type) at every context length; with
+    """Run vanilla (f16 and each other K/V type) and every (policy, budget, K/V type) at
+    every context length (ratios are against vanilla f16); with
     ``limit``, also vanilla with a prompt of each budget's size (the same number of KV rows:
     the decode speed a budget can reach). Returns the report."""
     specs: list[RunSpec] = []
@@ -172,6 +173,12 @@ def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
     for ctx in contexts:
         specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps, threads=threads,
                              n_gpu_layers=n_gpu_layers))
+        # vanilla llama.cpp with each other K/V type too, so that a quantized pool's cost
+        # (q8_0 prefill is slower in llama.cpp's own CPU attention) is not put on Ada-KV
+        for kv in kv_types:
+            if kv != "f16":
+                specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps,
+                                     threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv))
         for pol in policies:
             for b in budgets:
                 for kv in kv_types:
@@ -221,7 +228,8 @@ def annotate(runs: list[dict[str, Any]], *,
              key: Callable[[dict[str, Any]], Any] = lambda r: r["spec"]["context"],
              ratios: Sequence[tuple[str, str]] = RATIOS) -> None:
     """Add greedy agreement and ratios vs the vanilla run with the same ``key`` (context)."""
-    vanilla = {key(r): r for r in runs if r["spec"]["budget"] is None and "error" not in r}
+    vanilla = {key(r): r for r in runs if r["spec"]["budget"] is None and "error" not in r
+               and r["spec"].get("kv_type", "f16") == "f16"}
     for r in runs:
         v = vanilla.get(key(r))
         if "error" in r or v is None:
