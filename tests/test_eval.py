@@ -4,11 +4,11 @@ The CI subset (2 tasks x 3 prompts at 1K tokens, both modes, budgets 64/128) run
 patched runtime and gates the paper's claim on our model: averaged over its cells, ada-snapkv's
 top-1 agreement with the full cache is no worse than uniform snapkv's by more than
 ``TOP1_TOL`` (2 points), and both beat streaming (StreamingLLM) on top-1 agreement and KL.
-A question-agnostic gate (issue 17): compressed before the question, ada-kvzip (context-
-reconstruction scores) is closer to the full cache than ada-snapkv at 128 rows (KL under
-3/4 of ada-snapkv's; measured 0.16 vs 0.34) and answers at least as many needles. Issue 17
-asks for *more* needles; on these 6 prompts both answer none at 128 rows, so that half is
-not met yet and not claimed.
+A question-agnostic gate (issue 17): compressed before the question, the context-
+reconstruction policies are closer to the full cache than ada-snapkv at 128 rows (KL under
+3/4 of ada-snapkv's) and answer at least as many needles; ada-kvzip-global (Ada-KV's
+allocation over all layers at once) answers strictly more (the full eval: 90 % vs 5 % on
+niah-single at 1K, README "Question-agnostic compression").
 """
 
 from __future__ import annotations
@@ -180,7 +180,8 @@ def test_attention_l1_is_within_its_bound() -> None:
 def ci_report(default_model: Path) -> dict:
     spec = EvalSpec(model=str(default_model), tasks=("niah-single", "niah-multikey"),
                     lengths=(1024,), budgets=(64, 128),
-                    policies=("full", "streaming", "snapkv", "ada-snapkv", "ada-kvzip"),
+                    policies=("full", "streaming", "snapkv", "ada-snapkv", "ada-kvzip",
+                              "ada-kvzip-global"),
                     modes=("question-aware", "question-agnostic"), samples=3, threads=2)
     return run_eval(spec)
 
@@ -205,13 +206,16 @@ def test_ci_question_agnostic_gate(ci_report: dict) -> None:
             if r["mode"] == "question-agnostic" and r["budget"] == 128]
     got = {p: (sum(r["score"] for r in recs if r["policy"] == p),
                float(np.mean([r["kl"] for r in recs if r["policy"] == p])))
-           for p in ("ada-kvzip", "ada-snapkv")}
-    print(f"\nquestion-agnostic, 128 rows, {len(recs) // 5} prompts: needles answered / "
+           for p in ("ada-kvzip", "ada-kvzip-global", "ada-snapkv")}
+    n_prompts = sum(r["policy"] == "ada-snapkv" for r in recs)
+    print(f"\nquestion-agnostic, 128 rows, {n_prompts} prompts: needles answered / "
           f"mean KL: {got}")
-    assert got["ada-kvzip"][0] >= got["ada-snapkv"][0]
-    assert got["ada-kvzip"][1] < 0.75 * got["ada-snapkv"][1]
+    for p in ("ada-kvzip", "ada-kvzip-global"):
+        assert got[p][0] >= got["ada-snapkv"][0], p
+        assert got[p][1] < 0.75 * got["ada-snapkv"][1], p
+    assert got["ada-kvzip-global"][0] > got["ada-snapkv"][0]
     for r in recs:
-        if r["policy"] == "ada-kvzip":
+        if r["policy"] in ("ada-kvzip", "ada-kvzip-global"):
             assert r["scoring_seconds"] > 0 and r["prefill_seconds"] > 0
 
 
