@@ -39,7 +39,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="average KV rows kept per head (default: none = vanilla llama.cpp)")
     p.add_argument("--policy", default="ada-snapkv",
                    help="eviction policy with --kv-budget (ada-snapkv, snapkv, pyramid, "
-                        "ada-pyramid, streaming, full)")
+                        "ada-pyramid, streaming, full; reconstruction-scored, for documents "
+                        "asked about in later turns: ada-kvzip-global, ada-kvzip, kvzip)")
     p.add_argument("--window", type=int, default=32, help="observation window (32)")
     p.add_argument("--floor-alpha", type=float, default=0.2, help="Ada-KV safeguard (0.2)")
     _add_pooling_args(p)

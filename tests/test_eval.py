@@ -26,6 +26,7 @@ from adakv_local.bench.evaluate import (
     attention_l1,
     compare_policies,
     fidelity,
+    merge,
     plot,
     run_eval,
     save,
@@ -95,6 +96,23 @@ def test_compare_policies_counts_lower_losses_as_wins() -> None:
     assert compare_policies(report, metric="l1") == win  # lower attention loss
     assert compare_policies(report, metric="bound") == lose  # higher bound
     assert compare_policies(report, metric="l1", tol=2.0) == {"win": 0, "tie": 1, "lose": 0}
+
+
+def test_merge_joins_lengths_and_tasks_without_repeats() -> None:
+    def report(task: str, length: int, tokens: float) -> dict:
+        rec = {"mode": "question-aware", "task": task, "length": length, "policy": "snapkv",
+               "budget": 128, "prompt_tokens": tokens, "score": 1.0, "kl": 0.1, "top1": 0.9,
+               "l1": 1.0, "bound": 2.0, "rows_per_head": 128.0}
+        spec = {"tasks": [task], "lengths": [length], "budgets": [128],
+                "policies": ["snapkv"], "modes": ["question-aware"], "samples": 1,
+                "teacher_tokens": 64, "kernel": 11, "pool_align": "causal"}
+        return {"spec": spec, "records": [rec], "cells": [], "seconds": 1.0}
+
+    m = merge([report("a", 1024, 1030.0), report("a", 2048, 2050.0), report("b", 1024, 1031.0)])
+    assert m["spec"]["tasks"] == ["a", "b"] and m["spec"]["lengths"] == [1024, 2048]
+    assert m["seconds"] == 3.0 and len(m["cells"]) == 3
+    rows = [line for line in table(m).splitlines() if line.startswith("| a |")]
+    assert [line.split(" | ")[1] for line in rows] == ["1030", "2050"]  # one row per length
 
 
 def test_bad_task_arguments() -> None:

@@ -514,12 +514,14 @@ def run_eval(spec: EvalSpec, *, progress: bool = False, verbose: bool = False,
 
 
 def merge(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One report from runs of the same settings over different tasks (specs' task lists
-    and records are concatenated; cells re-aggregated)."""
+    """One report from runs of the same settings over different tasks or lengths (the
+    specs' task, length, budget and policy lists are joined in order without repeats,
+    records concatenated, cells re-aggregated)."""
     if not reports:
         raise ValueError("merge: no reports")
     spec = dict(reports[0]["spec"])
-    spec["tasks"] = [t for r in reports for t in r["spec"]["tasks"]]
+    for key in ("tasks", "lengths", "budgets", "policies"):
+        spec[key] = list(dict.fromkeys(x for r in reports for x in r["spec"][key]))
     records = [x for r in reports for x in r["records"]]
     return {**reports[0], "spec": spec, "records": records, "cells": aggregate(records),
             "seconds": sum(r["seconds"] for r in reports)}
