@@ -171,14 +171,12 @@ def compare(model: str | None, contexts: Sequence[int], budgets: Sequence[int],
             specs.append(RunSpec(model, b, None, decode_steps=decode_steps, threads=threads,
                                  n_gpu_layers=n_gpu_layers, limit=True))
     for ctx in contexts:
-        specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps, threads=threads,
-                             n_gpu_layers=n_gpu_layers))
-        # vanilla llama.cpp with each other K/V type too, so that a quantized pool's cost
-        # (q8_0 prefill is slower in llama.cpp's own CPU attention) is not put on Ada-KV
-        for kv in kv_types:
-            if kv != "f16":
-                specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps,
-                                     threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv))
+        # vanilla f16 (the reference of every ratio), then vanilla with each other K/V type,
+        # so that a quantized pool's cost (q8_0 prefill is slower in llama.cpp's own CPU
+        # attention) is not put on Ada-KV
+        for kv in dict.fromkeys(["f16", *kv_types]):
+            specs.append(RunSpec(model, ctx, None, decode_steps=decode_steps,
+                                 threads=threads, n_gpu_layers=n_gpu_layers, kv_type=kv))
         for pol in policies:
             for b in budgets:
                 for kv in kv_types:
