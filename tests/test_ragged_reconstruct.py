@@ -97,3 +97,31 @@ def test_set_n_window_keeps_rows_and_logits(smol) -> None:
         with pytest.raises(ValueError, match="n_window"):
             b.set_n_window(70000)
         decode(b.ctx_ptr, toks[520:530], 520, n_vocab)  # still decodes without a ring
+
+
+def test_observe_max_host_kernel_equals_pool_path(smol, monkeypatch) -> None:
+    """On CPU pools observe_max pads K to a multiple of 16 rows (zero rows, masked: llamafile's
+    sgemm instead of one vec_dot per output) and reduces the softmax with the patch's
+    multithreaded column-max op; ``LLAMA_RAGGED_NO_COLMAX=1`` takes the unpadded graph and
+    ggml's pool_2d over the transposed softmax (the path GPU pools take). Not bitwise: the two
+    matmul kernels sum the 64 products of a score in different orders, so the two results
+    agree to float32 rounding (< 1e-5 relative here) and padding must never leak into a row's
+    score. Lengths of 300-364 rows (not multiples of 16) span two 256-row tiles, and random
+    compaction gives heads of different lengths."""
+    n_vocab = n_vocab_of(smol)
+    toks = prompt_tokens(301, n_vocab, seed=11)
+    with RaggedContext.create(smol, cparams=cparams(), n_window=64) as rc:
+        decode(rc.ctx_ptr, toks, 0, n_vocab, all_logits=False)
+        rng = np.random.default_rng(3)
+        for step in range(2):
+            fast = rc.observe_flat(48, reduce="max")
+            monkeypatch.setenv("LLAMA_RAGGED_NO_COLMAX", "1")
+            slow = rc.observe_flat(48, reduce="max")
+            monkeypatch.delenv("LLAMA_RAGGED_NO_COLMAX")
+            assert fast.shape == slow.shape and np.isfinite(fast).all()
+            err = float(np.abs(fast - slow).max() / np.abs(slow).max())
+            assert err < 1e-5, f"step {step}: the two reductions differ by {err:.2e}"
+            assert _max_err(rc, 48) < 1e-4
+            for il in range(rc.n_layer):
+                keep = random_keep(rng, rc.lengths(il), 64)
+                rc.compact(il, keep, [k.size + 4 for k in keep])
