@@ -78,7 +78,9 @@ class LocalLLM(Closing):
         headroom: free rows per head left after each compression, so that decoding
             compresses once every ``headroom`` tokens rather than at every token.
         recon_chunk: text tokens per reconstruction chunk of the kvzip policies (extra
-            rows while scoring: at most this many plus the prompt's, per head).
+            rows while scoring: at most this many plus the prompt's, per head); None:
+            ``n_batch`` minus the reconstruction prompt (482 with the default model and
+            ``n_batch``), so that each chunk is one decode call.
         type_k, type_v: K/V cache types, by name (``"f16"``, ``"q8_0"``, ...) or GGML type
             id as llama-cpp-python takes them; with ``kv_budget``, ``f16`` or ``q8_0`` (the
             ragged pools quantized: half the bytes of f16 per kept row).
@@ -107,7 +109,7 @@ class LocalLLM(Closing):
         chunk: int = 2048,
         on_full: str = "compress",
         headroom: int = 64,
-        recon_chunk: int = 512,
+        recon_chunk: int | None = None,
         type_k: str | int = "f16",
         type_v: str | int = "f16",
         overflow: str = "error",

@@ -9,7 +9,7 @@ records the extra rows and ring slots the scoring held, the ring's bytes and the
 before / after scoring.
 
     .venv/bin/python benchmarks/bench_kvzip_scoring.py [--lengths 2048,8192]
-        [--chunks 256,512,1024] [--budget 256] [--threads 2] [--prefill full|chunked]
+        [--chunks auto,256,512,1024] [--budget 256] [--threads 2] [--prefill full|chunked]
         [--json benchmarks/results/kvzip_scoring.json]
 """
 
@@ -33,12 +33,13 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_one(n_tokens: int, chunk: int, budget: int, threads: int, prefill: str,
+def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill: str,
             prefill_chunk: int) -> dict:
+    """One configuration; ``chunk`` None is LocalLLM's default (n_batch minus the prompt)."""
     from adakv_local import LocalLLM
     from adakv_local.bench.eval_tasks import make_sample
 
-    n_ctx = n_tokens + chunk + 512
+    n_ctx = n_tokens + (chunk or 512) + 512
     llm = LocalLLM(None, kv_budget=budget, policy="ada-kvzip", n_ctx=n_ctx, n_threads=threads,
                    recon_chunk=chunk, prefill=prefill, chunk=prefill_chunk, seed=0)
     s = make_sample("niah-single", n_tokens, 0,
@@ -65,7 +66,8 @@ def run_one(n_tokens: int, chunk: int, budget: int, threads: int, prefill: str,
     slot = sum(rc.n_head(il) * rc.n_embd_head(il) * 4 for il in range(rc.n_layer))
     scoring = rec["feed_s"] + rec["observe_s"] + rec["accumulate_s"] + rec["ring_s"]
     out = {
-        "prompt_tokens": len(toks), "recon_chunk": chunk, "budget": budget,
+        "prompt_tokens": len(toks), "recon_chunk": cache.recon_chunk,
+        "recon_chunk_option": chunk if chunk is not None else "auto", "budget": budget,
         "prefill_mode": prefill, "threads": threads,
         "prefill_s": st["prefill_seconds"], "scoring_s": scoring,
         "ratio": scoring / st["prefill_seconds"],
@@ -90,7 +92,9 @@ def run_one(n_tokens: int, chunk: int, budget: int, threads: int, prefill: str,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="2048,8192")
-    ap.add_argument("--chunks", default="512")
+    ap.add_argument("--chunks", default="auto",
+                    help="text tokens per reconstruction chunk, comma-separated; auto = "
+                         "LocalLLM's default (n_batch minus the reconstruction prompt)")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="full", choices=["full", "chunked"])
@@ -99,21 +103,23 @@ def main() -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
     ns = ap.parse_args()
     if ns.one:
-        n, c = (int(x) for x in ns.one.split(":"))
-        print(json.dumps(run_one(n, c, ns.budget, ns.threads, ns.prefill, ns.prefill_chunk)))
+        n_s, c_s = ns.one.split(":")
+        c = None if c_s == "auto" else int(c_s)
+        print(json.dumps(run_one(int(n_s), c, ns.budget, ns.threads, ns.prefill, ns.prefill_chunk)))
         return 0
     from adakv_local.bench.machine import machine_info
 
     runs = []
     for n in (int(x) for x in ns.lengths.split(",")):
-        for c in (int(x) for x in ns.chunks.split(",")):
+        for c in (x.strip() for x in ns.chunks.split(",")):
             cmd = [sys.executable, __file__, "--one", f"{n}:{c}", "--budget", str(ns.budget),
                    "--threads", str(ns.threads), "--prefill", ns.prefill,
                    "--prefill-chunk", str(ns.prefill_chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(r)
-            print(f"{r['prompt_tokens']:>6} tokens, chunk {c:>4}: prefill {r['prefill_s']:.1f} s, "
+            print(f"{r['prompt_tokens']:>6} tokens, chunk {r['recon_chunk']:>4}: "
+                  f"prefill {r['prefill_s']:.1f} s, "
                   f"scoring {r['scoring_s']:.1f} s ({r['ratio']:.2f}x: forward "
                   f"{r['feed_s']:.1f}, observe {r['observe_s']:.1f}, accumulate "
                   f"{r['accumulate_s']:.2f}, ring {r['ring_s']:.2f}), extra rows "

@@ -96,6 +96,8 @@ int64_t llama_ragged_observe_size (const void * ctx);
 int32_t llama_ragged_observe      (void * ctx, int32_t n_window, float * out, size_t n_out);
 int32_t llama_ragged_observe_max  (void * ctx, int32_t n_window, float * out, size_t n_out);
 int32_t llama_ragged_set_n_window (void * ctx, int32_t n_window);
+int32_t llama_ragged_score_begin  (void * ctx);
+int32_t llama_ragged_score_end    (void * ctx, float * out, size_t n_out);
 int32_t llama_ragged_compact      (void * ctx, int32_t il, const int32_t * keep_counts,
                                    const int32_t * keep_rows, const int32_t * new_caps);
 void *  llama_ragged_snapshot_take   (void * ctx);
@@ -132,6 +134,8 @@ FUNCTIONS: tuple[str, ...] = (
     "llama_ragged_observe",
     "llama_ragged_observe_max",
     "llama_ragged_set_n_window",
+    "llama_ragged_score_begin",
+    "llama_ragged_score_end",
     "llama_ragged_compact",
     "llama_ragged_snapshot_take",
     "llama_ragged_snapshot_restore",
@@ -552,6 +556,29 @@ class RaggedContext(Closing):
             self._call("llama_ragged_set_n_window", int(n_window))
         finally:
             self.n_window = self._call("llama_ragged_n_window")
+
+    def score_begin(self) -> None:
+        """Start scoring inside the attention (``llama_ragged_score_begin``): every following
+        decode folds, per query head, the largest attention probability its queries give each
+        row held now into a running maximum (what :meth:`observe_flat` with ``reduce="max"``
+        gives over the same queries, without a query ring). CPU pools with F16 K/V only;
+        raises :class:`RaggedError` (nothing changed) otherwise, or when scoring is on."""
+        size = self.observe_size()
+        self._call("llama_ragged_score_begin")
+        self._score_size = size
+
+    def score_end(self, *, discard: bool = False) -> np.ndarray | None:
+        """Stop scoring; the running maximum in the :meth:`observe_flat` layout of the rows
+        held at :meth:`score_begin` (None with ``discard``). Raises :class:`RaggedError` when
+        scoring is not on, or when held rows were dropped or moved since (the scores are void;
+        scoring is off either way)."""
+        size = getattr(self, "_score_size", 0)
+        if discard:
+            self._call("llama_ragged_score_end", self._ffi.NULL, 0)
+            return None
+        out = np.empty(size, dtype=np.float32)
+        self._call("llama_ragged_score_end", self._ffi.cast("float *", out.ctypes.data), out.size)
+        return out
 
     def observe(self, n_window: int) -> list[list[np.ndarray]]:
         """Window attention: ``res[il][h]`` is float32 ``[n_group, len_h]`` for KV head ``h``

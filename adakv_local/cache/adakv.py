@@ -62,7 +62,7 @@ class AdaKVOptions:
     chunk: int = 2048
     on_full: str = "compress"
     headroom: int = 64
-    recon_chunk: int = 512
+    recon_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.prefill not in ("full", "chunked"):
@@ -70,8 +70,9 @@ class AdaKVOptions:
         if self.on_full not in ("compress", "grow"):
             raise ValueError(f"on_full must be 'compress' or 'grow', got {self.on_full!r}")
         for name, val, lo in (("chunk", self.chunk, 1), ("headroom", self.headroom, 1),
-                              ("recon_chunk", self.recon_chunk, 1)):
-            if not isinstance(val, int) or val < lo:
+                              ("recon_chunk", 1 if self.recon_chunk is None else
+                               self.recon_chunk, 1)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {val!r}")
 
     def non_defaults(self) -> list[str]:
@@ -135,6 +136,8 @@ class AdaKVCache(KVCache):
         # the kvzip policies (context-reconstruction scoring, .reconstruct)
         self.recon_prompt: ReconstructionPrompt | None = None  # set by LocalLLM
         self.recon_stats = ReconstructionStats()
+        # how reconstruction computes its maxima (reconstruct.METHODS; benchmarks and tests)
+        self.recon_method = "auto"
         self.row_scores = RowScores()  # scores of the rows kept by kvzip compressions
         self._scored_tokens: tuple[int, ...] = ()  # the history when rows were last scored
 
@@ -325,6 +328,20 @@ class AdaKVCache(KVCache):
         self.free_rows = self._min_free_rows()
         return sels
 
+    @property
+    def recon_chunk(self) -> int:
+        """Text tokens per reconstruction chunk: ``recon_chunk`` as given, or by default
+        ``n_batch`` minus the longest reconstruction prompt, so that every chunk (prompt
+        included) is one decode call -- a chunk one batch too long pays a small second
+        batch, which costs as much weight traffic as a large one (+17 % forward time at 2K
+        with chunk 512 and ``n_batch`` 512). With ``n_batch`` under 128 + the prompt, 128
+        (or ``n_batch``), so that the repeated prompt stays a small part of each chunk."""
+        if self.opts.recon_chunk is not None:
+            return self.opts.recon_chunk
+        longest = self.recon_prompt.longest if self.recon_prompt is not None else 0
+        fit = self.n_batch - longest
+        return fit if fit >= 128 else max(128, self.n_batch)
+
     def kvzip_scores(self, cfg: Any = None, *, reconstruct: bool | None = None) -> Any:
         """The kvzip policies' scores of the rows held now (flat, the ``observe_flat``
         layout), without compressing: per query head and row, the maximum attention from
@@ -349,8 +366,9 @@ class AdaKVCache(KVCache):
             if self.recon_prompt is None:
                 raise AdaKVError("no reconstruction prompt: the kvzip policies need one "
                                  "(LocalLLM sets it from the chat template)")
-            acc = reconstruction_scores(self, new, self.recon_prompt, self.opts.recon_chunk,
-                                        acc=acc, stats=self.recon_stats)
+            acc = reconstruction_scores(self, new, self.recon_prompt, self.recon_chunk,
+                                        acc=acc, stats=self.recon_stats,
+                                        method=self.recon_method)
         if acc is None:  # no query has seen these rows yet
             acc = np.zeros(rc.observe_size(), dtype=np.float32)
         self.row_scores.merge_into(rc, acc, lens, group, self.tokens)
@@ -419,7 +437,7 @@ class AdaKVCache(KVCache):
             "peak_bytes_allocated": a.peak_bytes,
             "headroom": self.opts.headroom,
             "prefill_mode": self.opts.prefill,
-            "recon_chunk": self.opts.recon_chunk,
+            "recon_chunk": self.recon_chunk if self.recon_prompt is not None else None,
             "reconstruction": self.recon_stats.as_dict(),
             "kv_types": f"{self.type_k}/{self.type_v}",
             "bytes_by_buffer_type": by_buffer,

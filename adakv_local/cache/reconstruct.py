@@ -16,14 +16,26 @@ any of those reconstruction queries gives it. The reconstruction's own rows are 
 after each chunk (``seq_rm_tail``): the cache and its positions are as before, only the
 scores remain.
 
-Here (:func:`reconstruction_scores`): the patch's query ring is resized to hold one chunk's
-queries (``set_n_window``), each chunk is decoded after the rows held, observed with
-``observe_flat(n, reduce="max")`` (per query head, the max over the chunk's queries, over
-every row held), folded into a running maximum over the rows held before the chunk
-(:func:`~adakv_local.bindings.policy.accumulate_max`), and removed; the ring is given back
-its size at the end. Extra memory while scoring: at most ``len(prompt) + chunk`` rows per
-head and a ring of as many query slots (``n_layer * slots * n_head * head_dim * 4`` bytes),
-plus the observation graph's buffer.
+Here (:func:`reconstruction_scores`), two ways to the same maxima:
+
+- ``"attention"`` (CPU pools with F16 K/V, the usual case): ``score_begin`` switches the
+  patch's attention to one that keeps its probabilities (``softmax(K·Q)`` then ``V·P``,
+  instead of flash attention) and folds each ubatch's per-row maximum into a running
+  maximum for the rows held; each chunk is decoded and removed, ``score_end`` returns the
+  maxima. The attention scores are computed once, in the forward pass that needs them
+  anyway. Extra memory: the chunk's rows and the attention's ``[rows, chunk, group]``
+  probabilities of one head at a time in the compute buffer.
+- ``"observe"`` (other pools, or ``on_chunk``): the query ring is resized to hold one
+  chunk's queries (``set_n_window``), each chunk is decoded after the rows held (flash
+  attention), observed with ``observe_flat(n, reduce="max")`` (per query head, the max over
+  the chunk's queries, over every row held: a second pass over the rows), folded into a
+  running maximum over the rows held before the chunk
+  (:func:`~adakv_local.bindings.policy.accumulate_max`), and removed; the ring is given back
+  its size at the end. Extra memory: the chunk's rows, a ring of as many query slots
+  (``n_layer * slots * n_head * head_dim * 4`` bytes) and the observation graph's buffer.
+
+The two differ at rounding level (the flash attention path rounds Q and the V sums to F16;
+the scoring attention computes in F32), measured in ``tests/test_kvzip.py``.
 
 What the controller adds around it (:class:`~adakv_local.cache.adakv.AdaKVCache`): the
 maximum also covers the last ``window`` real queries (the question, when it is already
@@ -120,10 +132,12 @@ class ReconstructionStats:
     """What reconstruction scoring did and cost, summed over calls."""
 
     calls: int = 0
+    method: str = ""  # the last call's: "attention" or "observe"
     chunks: int = 0
     tokens: int = 0  # reconstruction tokens decoded (prompts included)
-    feed_s: float = 0.0  # decoding the reconstruction chunks (the model's forward passes)
-    observe_s: float = 0.0  # observe_max graphs
+    feed_s: float = 0.0  # decoding the reconstruction chunks (forward passes; "attention":
+    #                      the scoring included)
+    observe_s: float = 0.0  # observe_max graphs ("observe")
     accumulate_s: float = 0.0  # running max + removal of the chunk rows
     ring_s: float = 0.0  # resizing the query rings
     peak_extra_rows: int = 0  # most rows any head held beyond its rows before scoring
@@ -133,11 +147,16 @@ class ReconstructionStats:
         return dict(self.__dict__)
 
 
+METHODS = ("auto", "attention", "observe")
+"""How :func:`reconstruction_scores` computes the maxima (see the module doc); ``auto``:
+``attention`` where the runtime supports it, else ``observe``."""
+
+
 def reconstruction_scores(cache: Any, text: Sequence[int], prompt: ReconstructionPrompt,
                           chunk: int, *, acc: np.ndarray | None = None,
                           stats: ReconstructionStats | None = None,
                           on_chunk: Callable[[np.ndarray, list[np.ndarray]], None] | None
-                          = None) -> np.ndarray:
+                          = None, method: str = "auto") -> np.ndarray:
     """Score the rows ``cache`` holds by reconstructing ``text``, chunk by chunk.
 
     Args:
@@ -152,33 +171,97 @@ def reconstruction_scores(cache: Any, text: Sequence[int], prompt: Reconstructio
             held), updated in place; None starts one.
         stats: counters to add to.
         on_chunk: called with each chunk's raw observation and the lengths it covers
-            (tests).
+            (tests; implies ``method="observe"``).
+        method: one of :data:`METHODS`.
 
     Returns the per-query-head maxima over every reconstruction query, for the rows held
     (flat, the ``observe_flat`` layout of the lengths before the call).
     """
-    from ..bindings.policy import accumulate_max
+
+    from ..bindings.ragged import RaggedError
 
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     toks = [int(t) for t in text]
     if not toks:
         raise ValueError("text must not be empty")
-    rc, shape = cache.rc, cache.shape
-    group = shape.n_head // shape.n_head_kv
+    rc = cache.rc
     st = stats if stats is not None else ReconstructionStats()
     p0 = len(cache.tokens)
     if rc.n_past != p0:  # pragma: no cover - the cache keeps them equal
         raise RuntimeError("the ragged context and the token history disagree")
-    lens0 = rc.all_lengths()
     parts = [toks[i:i + chunk] for i in range(0, len(toks), chunk)]
-    slots = prompt.longest + min(chunk, len(toks))
+    if on_chunk is None and method != "observe":
+        try:
+            rc.score_begin()
+        except RaggedError:
+            if method == "attention":
+                raise
+        else:
+            return _scores_in_attention(cache, parts, prompt, p0, acc, st)
+    return _scores_by_observation(cache, parts, prompt, p0, acc, st, on_chunk)
+
+
+def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: ReconstructionPrompt,
+                         p0: int, acc: np.ndarray | None, st: ReconstructionStats) -> np.ndarray:
+    """The chunks decoded with scoring on (``score_begin`` was called)."""
+    rc = cache.rc
+    lens0 = rc.all_lengths()
+    st.calls += 1
+    st.method = "attention"
+    done = False
+    try:
+        for i, part in enumerate(parts):
+            seq = prompt.for_chunk(i, parts[i - 1] if i else ())
+            seq += part
+            t0 = time.perf_counter()
+            cache.feed_tokens(seq)
+            t1 = time.perf_counter()
+            lens = rc.all_lengths()
+            extra = max(int((ln - l0).max()) for ln, l0 in zip(lens, lens0, strict=True))
+            st.peak_extra_rows = max(st.peak_extra_rows, extra)
+            cache.rewind(p0)
+            st.chunks += 1
+            st.tokens += len(seq)
+            st.feed_s += t1 - t0
+            st.accumulate_s += time.perf_counter() - t1
+        t = time.perf_counter()
+        done = True  # score_end turns scoring off, also when it raises
+        out = rc.score_end()
+        assert out is not None
+        if acc is None:
+            acc = out
+        else:
+            np.maximum(acc, out, out=acc)
+        st.accumulate_s += time.perf_counter() - t
+    finally:
+        if len(cache.tokens) != p0:
+            cache.rewind(p0)
+        if not done:
+            rc.score_end(discard=True)
+    return acc
+
+
+def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: ReconstructionPrompt,
+                           p0: int, acc: np.ndarray | None, st: ReconstructionStats,
+                           on_chunk: Callable[[np.ndarray, list[np.ndarray]], None] | None
+                           ) -> np.ndarray:
+    """The chunks decoded with flash attention, each observed with ``observe_max``."""
+    from ..bindings.policy import accumulate_max
+
+    rc, shape = cache.rc, cache.shape
+    group = shape.n_head // shape.n_head_kv
+    lens0 = rc.all_lengths()
+    slots = prompt.longest + max(len(p) for p in parts)
     w0 = rc.n_window
     t = time.perf_counter()
     rc.set_n_window(slots)
     st.ring_s += time.perf_counter() - t
     st.peak_ring_slots = max(st.peak_ring_slots, slots)
     st.calls += 1
+    st.method = "observe"
     try:
         for i, part in enumerate(parts):
             seq = prompt.for_chunk(i, parts[i - 1] if i else ())
