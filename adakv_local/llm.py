@@ -60,7 +60,7 @@ class LocalLLM(Closing):
         policy: eviction policy with ``kv_budget``: ``ada-snapkv`` (default), ``snapkv``,
             ``pyramid``, ``ada-pyramid``, ``streaming`` or ``full`` (never evict); or,
             scored by context reconstruction (question-agnostic: a pasted document keeps
-            what a later question needs, at about twice the prefill time), ``ada-kvzip``,
+            what a later question needs, for 2-2.5x the prefill's time again), ``ada-kvzip``,
             ``kvzip`` (uniform) or ``ada-kvzip-global`` (budget moved across layers too).
             See docs/NOTES.md "Context-reconstruction scoring".
         window: observation window (rows always kept; queries that score the rest).

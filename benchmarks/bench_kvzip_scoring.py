@@ -2,15 +2,17 @@
 
 One process per configuration (so peak RSS is its own): a seeded needle document of
 ~N tokens is prefilled by ``LocalLLM(kv_budget=B, policy="ada-kvzip")`` and compressed;
-the report splits the compression into the reconstruction's forward passes (``feed``), the
-``observe_max`` graphs, the running max + removal of the chunk rows (``accumulate``), the
+the report splits the compression into the reconstruction's forward passes (``feed``; with
+the default method, scoring inside the attention, the scores are computed there), the
+``observe_max`` graphs (method ``observe``: flash attention, then a second pass over the
+rows), the running max + removal of the chunk rows (``accumulate``), the
 query-ring resizes, selection and compaction, next to the prefill's own model time, and
 records the extra rows and ring slots the scoring held, the ring's bytes and the RSS
 before / after scoring.
 
     .venv/bin/python benchmarks/bench_kvzip_scoring.py [--lengths 2048,8192]
-        [--chunks auto,256,512,1024] [--budget 256] [--threads 2] [--prefill full|chunked]
-        [--json benchmarks/results/kvzip_scoring.json]
+        [--chunks auto,256,512,1024] [--methods auto,observe] [--budget 256] [--threads 2]
+        [--prefill full|chunked] [--json benchmarks/results/kvzip_scoring.json]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _rss() -> int:
 
 
 def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill: str,
-            prefill_chunk: int) -> dict:
+            prefill_chunk: int, method: str = "auto") -> dict:
     """One configuration; ``chunk`` None is LocalLLM's default (n_batch minus the prompt)."""
     from adakv_local import LocalLLM
     from adakv_local.bench.eval_tasks import make_sample
@@ -47,6 +49,7 @@ def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill
     toks = llm.tokenize(llm.format_chat([{"role": "user", "content": s.context}]),
                         add_bos=False)
     cache = llm._cache
+    cache.recon_method = method
     rss0 = _rss()
     peaks = {"rss_during_scoring": 0}
     real = cache.kvzip_scores
@@ -68,6 +71,7 @@ def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill
     out = {
         "prompt_tokens": len(toks), "recon_chunk": cache.recon_chunk,
         "recon_chunk_option": chunk if chunk is not None else "auto", "budget": budget,
+        "method": rec["method"],
         "prefill_mode": prefill, "threads": threads,
         "prefill_s": st["prefill_seconds"], "scoring_s": scoring,
         "ratio": scoring / st["prefill_seconds"],
@@ -95,6 +99,10 @@ def main() -> int:
     ap.add_argument("--chunks", default="auto",
                     help="text tokens per reconstruction chunk, comma-separated; auto = "
                          "LocalLLM's default (n_batch minus the reconstruction prompt)")
+    ap.add_argument("--methods", default="auto",
+                    help="how the maxima are computed, comma-separated: auto (inside the "
+                         "attention on CPU F16 pools), attention, observe (flash attention "
+                         "+ observe_max)")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="full", choices=["full", "chunked"])
@@ -103,22 +111,25 @@ def main() -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
     ns = ap.parse_args()
     if ns.one:
-        n_s, c_s = ns.one.split(":")
+        n_s, c_s, m = ns.one.split(":")
         c = None if c_s == "auto" else int(c_s)
-        print(json.dumps(run_one(int(n_s), c, ns.budget, ns.threads, ns.prefill, ns.prefill_chunk)))
+        print(json.dumps(run_one(int(n_s), c, ns.budget, ns.threads, ns.prefill,
+                                 ns.prefill_chunk, m)))
         return 0
     from adakv_local.bench.machine import machine_info
 
     runs = []
     for n in (int(x) for x in ns.lengths.split(",")):
-        for c in (x.strip() for x in ns.chunks.split(",")):
-            cmd = [sys.executable, __file__, "--one", f"{n}:{c}", "--budget", str(ns.budget),
+        for c, m in ((c, m) for c in ns.chunks.split(",") for m in ns.methods.split(",")):
+            cmd = [sys.executable, __file__, "--one", f"{n}:{c.strip()}:{m.strip()}",
+                   "--budget", str(ns.budget),
                    "--threads", str(ns.threads), "--prefill", ns.prefill,
                    "--prefill-chunk", str(ns.prefill_chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(r)
-            print(f"{r['prompt_tokens']:>6} tokens, chunk {r['recon_chunk']:>4}: "
+            print(f"{r['prompt_tokens']:>6} tokens, chunk {r['recon_chunk']:>4}, "
+                  f"{r['method']:>9}: "
                   f"prefill {r['prefill_s']:.1f} s, "
                   f"scoring {r['scoring_s']:.1f} s ({r['ratio']:.2f}x: forward "
                   f"{r['feed_s']:.1f}, observe {r['observe_s']:.1f}, accumulate "

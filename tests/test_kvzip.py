@@ -6,6 +6,9 @@
   same kernels on the same views: the reconstruction rows are gone before the next decode);
 - the scores are exactly the running maximum of the chunks' observations (and of the last
   window's), and the chunks fed are KVzip's prompt + the text, in order;
+- scoring inside the attention (the default on CPU F16 pools) leaves no trace either and
+  agrees with the observations to the rounding of the two attention kernels; its C API
+  refuses a double begin, an end without begin, and voids scores whose rows were removed;
 - memory stays bounded while scoring: at most ``prompt + recon_chunk`` extra rows per head
   and a ring of as many slots; with ``prefill="chunked"`` every chunk is scored against the
   rows held and the peak allocation stays ``budget + chunk + prompt + recon_chunk`` (plus
@@ -314,3 +317,24 @@ def test_ring_memory_is_the_chunk_and_comes_back(twins) -> None:
     # a snapkv compression right after needs window queries: a clear error, not a crash
     with pytest.raises(Exception, match="window queries"):
         a.compress("ada-snapkv", 64)
+
+
+def test_recon_chunk_default_fills_one_batch(default_model: Path) -> None:
+    """recon_chunk=None (the default): each chunk with its prompt is one decode call
+    (n_batch minus the longest prompt), at least 128 text tokens with a small n_batch;
+    an explicit value is kept; bad values are refused before the model is loaded."""
+    from adakv_local.cache.adakv import AdaKVOptions
+
+    for bad in (0, -3, 1.5, True, "512"):
+        with pytest.raises(ValueError, match="recon_chunk must be an integer >= 1"):
+            AdaKVOptions(policy="ada-kvzip", recon_chunk=bad)
+    for n_batch, explicit in ((512, None), (64, None), (512, 300)):
+        with LocalLLM(default_model, kv_budget=128, policy="ada-kvzip-global", n_ctx=1024,
+                      n_batch=n_batch, recon_chunk=explicit, n_threads=2) as llm:
+            cache = llm._cache
+            longest = cache.recon_prompt.longest
+            want = explicit or (n_batch - longest if n_batch - longest >= 128 else 128)
+            assert cache.recon_chunk == want
+            assert llm.kv_stats()["recon_chunk"] == want
+            if explicit is None and n_batch == 512:
+                assert want + longest == cache.n_batch
