@@ -36,6 +36,9 @@ def main() -> int:
     ap.add_argument("--policies", default="full,streaming,snapkv,ada-snapkv")
     ap.add_argument("--modes", default="question-aware,question-agnostic")
     ap.add_argument("--samples", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="base seed of the prompts (another seed: other prompts, e.g. to "
+                         "extend a cell whose run was cut short)")
     ap.add_argument("--kernel", type=int, default=LOCALLLM_KERNEL,
                     help=f"score pooling kernel ({LOCALLLM_KERNEL})")
     ap.add_argument("--pool-align", default=LOCALLLM_POOL_ALIGN, choices=["causal", "center"])
@@ -54,7 +57,7 @@ def main() -> int:
                         budgets=_ints(ns.budgets), policies=tuple(ns.policies.split(",")),
                         modes=tuple(ns.modes.split(",")), samples=samples,
                         threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align,
-                        kvzip_aware=ns.kvzip_aware)
+                        kvzip_aware=ns.kvzip_aware, seed=ns.seed)
 
         def checkpoint(report: dict) -> None:
             save(report, base.with_suffix(".json"))
@@ -72,7 +75,7 @@ def main() -> int:
                         policies=tuple(ns.policies.split(",")),
                         modes=tuple(ns.modes.split(",")), samples=samples,
                         threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align,
-                        kvzip_aware=ns.kvzip_aware)
+                        kvzip_aware=ns.kvzip_aware, seed=ns.seed)
         reports.append(run_eval(spec, progress=sys.stderr.isatty(),
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         report = merge(reports)
