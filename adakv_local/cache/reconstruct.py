@@ -204,6 +204,25 @@ def reconstruction_scores(cache: Any, text: Sequence[int], prompt: Reconstructio
     return _scores_by_observation(cache, parts, prompt, p0, acc, st, on_chunk)
 
 
+def _feed_chunk(cache: Any, prompt: ReconstructionPrompt, parts: list[list[int]], i: int,
+                lens0: list[np.ndarray], st: ReconstructionStats
+                ) -> tuple[int, list[np.ndarray]]:
+    """Decode chunk ``i`` (its prompt, then its text) after the rows held, counted in ``st``
+    (feed time, tokens, the most rows any head holds beyond ``lens0``); returns its length
+    and the lengths now."""
+    seq = prompt.for_chunk(i, parts[i - 1] if i else ())
+    seq += parts[i]
+    t0 = time.perf_counter()
+    cache.feed_tokens(seq)
+    st.feed_s += time.perf_counter() - t0
+    lens = cache.rc.all_lengths()
+    extra = max(int((ln - l0).max()) for ln, l0 in zip(lens, lens0, strict=True))
+    st.peak_extra_rows = max(st.peak_extra_rows, extra)
+    st.chunks += 1
+    st.tokens += len(seq)
+    return len(seq), lens
+
+
 def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: ReconstructionPrompt,
                          p0: int, acc: np.ndarray | None, st: ReconstructionStats) -> np.ndarray:
     """The chunks decoded with scoring on (``score_begin`` was called)."""
@@ -213,20 +232,11 @@ def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: Reconstruct
     st.method = "attention"
     done = False
     try:
-        for i, part in enumerate(parts):
-            seq = prompt.for_chunk(i, parts[i - 1] if i else ())
-            seq += part
-            t0 = time.perf_counter()
-            cache.feed_tokens(seq)
-            t1 = time.perf_counter()
-            lens = rc.all_lengths()
-            extra = max(int((ln - l0).max()) for ln, l0 in zip(lens, lens0, strict=True))
-            st.peak_extra_rows = max(st.peak_extra_rows, extra)
+        for i in range(len(parts)):
+            _feed_chunk(cache, prompt, parts, i, lens0, st)
+            t = time.perf_counter()
             cache.rewind(p0)
-            st.chunks += 1
-            st.tokens += len(seq)
-            st.feed_s += t1 - t0
-            st.accumulate_s += time.perf_counter() - t1
+            st.accumulate_s += time.perf_counter() - t
         t = time.perf_counter()
         done = True  # score_end turns scoring off, also when it raises
         out = rc.score_end()
@@ -263,28 +273,18 @@ def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: Reconstru
     st.calls += 1
     st.method = "observe"
     try:
-        for i, part in enumerate(parts):
-            seq = prompt.for_chunk(i, parts[i - 1] if i else ())
-            seq += part
-            t0 = time.perf_counter()
-            cache.feed_tokens(seq)
+        for i in range(len(parts)):
+            n, lens = _feed_chunk(cache, prompt, parts, i, lens0, st)
             t1 = time.perf_counter()
-            obs = rc.observe_flat(len(seq), reduce="max")
+            obs = rc.observe_flat(n, reduce="max")
             t2 = time.perf_counter()
-            lens = rc.all_lengths()
-            extra = max(int((ln - l0).max()) for ln, l0 in zip(lens, lens0, strict=True))
-            st.peak_extra_rows = max(st.peak_extra_rows, extra)
             if on_chunk is not None:
                 on_chunk(obs, lens)
             acc = accumulate_max(acc, obs, lens0, lens, group)
             del obs
             cache.rewind(p0)
-            t3 = time.perf_counter()
-            st.chunks += 1
-            st.tokens += len(seq)
-            st.feed_s += t1 - t0
             st.observe_s += t2 - t1
-            st.accumulate_s += t3 - t2
+            st.accumulate_s += time.perf_counter() - t2
     finally:
         if len(cache.tokens) != p0:
             cache.rewind(p0)
