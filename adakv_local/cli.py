@@ -43,6 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "asked about in later turns: ada-kvzip-global, ada-kvzip, kvzip)")
     p.add_argument("--window", type=int, default=32, help="observation window (32)")
     p.add_argument("--floor-alpha", type=float, default=0.2, help="Ada-KV safeguard (0.2)")
+    p.add_argument("--window-share", type=float, default=None,
+                   help="kvzip policies: share of the budget given to what the last window "
+                        "queries attend to (default 0.25; 0: reconstruction scores alone)")
     _add_pooling_args(p)
     p.add_argument("--prefill", choices=["full", "chunked"], default="full")
     p.add_argument("--chunk", type=int, default=2048, help="chunked-prefill chunk (2048)")
@@ -82,7 +85,7 @@ def _open(ns: argparse.Namespace, kv_budget: Any = "args") -> Any:
         # vanilla run the command adds for comparison (demo, compare) just leaves them out
         ada = dict(policy=ns.policy, window=ns.window, floor_alpha=ns.floor_alpha,
                    kernel=ns.kernel, pool_align=ns.pool_align, prefill=ns.prefill,
-                   chunk=ns.chunk)
+                   chunk=ns.chunk, window_share=ns.window_share)
     return LocalLLM(ns.model, kv_budget=budget, n_ctx=ns.n_ctx, n_threads=ns.threads,
                     n_gpu_layers=ns.n_gpu_layers, seed=ns.seed, verbose=ns.verbose, **ada)
 
@@ -258,7 +261,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                     budgets=tuple(ns.budgets), policies=tuple(ns.policies),
                     modes=tuple(modes), samples=ns.samples, seed=ns.seed,
                     teacher_tokens=ns.teacher_tokens, threads=ns.threads, source=ns.source,
-                    kernel=ns.kernel, pool_align=ns.pool_align, kv_type=ns.kv_type)
+                    kernel=ns.kernel, pool_align=ns.pool_align, kv_type=ns.kv_type,
+                    window_share=ns.window_share)
     report = run_eval(spec, progress=not ns.quiet, verbose=ns.verbose)
     print(table(report))
     n_prompts = spec.samples * len(spec.tasks) * len(spec.lengths)
@@ -282,7 +286,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     if ns.kv_budget is not None:
         opts.update(policy=ns.policy, window=ns.window, floor_alpha=ns.floor_alpha,
                     kernel=ns.kernel, pool_align=ns.pool_align, prefill=ns.prefill,
-                    chunk=ns.chunk)
+                    chunk=ns.chunk, window_share=ns.window_share)
     run(ServeConfig(model=ns.model, kv_budget=ns.kv_budget, llm_options=opts, host=ns.host,
                     port=ns.port, max_sessions=ns.max_sessions, session_dir=ns.session_dir,
                     max_saved_sessions=ns.max_saved_sessions, model_id=ns.model_id,
@@ -373,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-type", choices=["f16", "q8_0"], default="f16",
                    help="K/V pool type of every configuration, the full cache included "
                         "(default f16)")
+    p.add_argument("--window-share", type=float, default=None,
+                   help="the kvzip policies' window share (default 0.25)")
     p.add_argument("--json", default=None, help="write the report (cells and records) here")
     p.add_argument("--plot", default=None, help="write a PNG of accuracy vs budget here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,3 +10,8 @@ LOCALLLM_KERNEL = 11
 LOCALLLM_POOL_ALIGN = "causal"
 """Score pooling window: each row and the ``kernel - 1`` rows before it (official:
 ``center``). Why: docs/NOTES.md, "Causal pooling"."""
+
+KVZIP_WINDOW_SHARE = 0.25
+"""The kvzip policies' default ``window_share``: a quarter of the scored budget goes to what
+Ada-SnapKV picks from the window's attention (the question, when the turn brings one), the
+rest to the reconstruction scores. Why: docs/NOTES.md, "Context-reconstruction scoring"."""

@@ -81,6 +81,11 @@ class LocalLLM(Closing):
             rows while scoring: at most this many plus the prompt's, per head); None:
             ``n_batch`` minus the reconstruction prompt (482 with the default model and
             ``n_batch``), so that each chunk is one decode call.
+        window_share: kvzip policies: the share in [0, 1) of the budget's scored rows
+            given first to what Ada-SnapKV picks from the last ``window`` queries (the
+            question, when a turn brings one with its document), the rest to the
+            reconstruction scores; None: 0.25
+            (:data:`~adakv_local.defaults.KVZIP_WINDOW_SHARE`); 0: reconstruction alone.
         type_k, type_v: K/V cache types, by name (``"f16"``, ``"q8_0"``, ...) or GGML type
             id as llama-cpp-python takes them; with ``kv_budget``, ``f16`` or ``q8_0`` (the
             ragged pools quantized: half the bytes of f16 per kept row).
@@ -110,6 +115,7 @@ class LocalLLM(Closing):
         on_full: str = "compress",
         headroom: int = 64,
         recon_chunk: int | None = None,
+        window_share: float | None = None,
         type_k: str | int = "f16",
         type_v: str | int = "f16",
         overflow: str = "error",
@@ -122,7 +128,7 @@ class LocalLLM(Closing):
         opts = AdaKVOptions(policy=policy, window=window, floor_alpha=floor_alpha,
                             pooling=pooling, kernel=kernel, pool_align=pool_align,
                             prefill=prefill, chunk=chunk, on_full=on_full, headroom=headroom,
-                            recon_chunk=recon_chunk)
+                            recon_chunk=recon_chunk, window_share=window_share)
         opts.check_budget(kv_budget)  # before any work
         self.type_k, self.type_v = R.kv_types(type_k, type_v, ragged=kv_budget is not None)
         self.prefill_mode, self.chunk, self.on_full, self.headroom = (
@@ -394,7 +400,7 @@ class LocalLLM(Closing):
                  scores: Any = None, n_obs: int | None = None, **options: Any) -> list[Any]:
         """Compress the cache now with this instance's policy, or with ``policy`` /
         ``kv_budget`` / policy ``options`` (window, floor_alpha, pooling, kernel,
-        pool_align) for this call only. ``scores``/``n_obs``: an earlier
+        pool_align, window_share) for this call only. ``scores``/``n_obs``: an earlier
         ``ragged.observe_flat(n_obs)`` of the current rows. Returns the per-layer
         selections ([] when nothing was evicted)."""
         cache = self._ada("compress()")

@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--kvzip-aware", default="reuse", choices=["reuse", "reconstruct"],
                     help="question-aware kvzip scores: the context's reconstruction + the "
                          "question window (reuse), or a reconstruction of the whole prompt")
+    ap.add_argument("--window-share", type=float, default=None,
+                    help="the kvzip policies' window share (default: LocalLLM's, 0.25)")
     ns = ap.parse_args()
     lengths = (1024,) if ns.quick else _ints(ns.lengths)
     samples = 3 if ns.quick else ns.samples
@@ -57,7 +59,8 @@ def main() -> int:
                         budgets=_ints(ns.budgets), policies=tuple(ns.policies.split(",")),
                         modes=tuple(ns.modes.split(",")), samples=samples,
                         threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align,
-                        kvzip_aware=ns.kvzip_aware, seed=ns.seed)
+                        kvzip_aware=ns.kvzip_aware, seed=ns.seed,
+                        window_share=ns.window_share)
 
         def checkpoint(report: dict) -> None:
             save(report, base.with_suffix(".json"))
@@ -75,7 +78,8 @@ def main() -> int:
                         policies=tuple(ns.policies.split(",")),
                         modes=tuple(ns.modes.split(",")), samples=samples,
                         threads=ns.threads, kernel=ns.kernel, pool_align=ns.pool_align,
-                        kvzip_aware=ns.kvzip_aware, seed=ns.seed)
+                        kvzip_aware=ns.kvzip_aware, seed=ns.seed,
+                        window_share=ns.window_share)
         reports.append(run_eval(spec, progress=sys.stderr.isatty(),
                                 log=lambda m: print(m, file=sys.stderr, flush=True)))
         report = merge(reports)

@@ -189,6 +189,9 @@ def test_kv_stats_and_stream(default_model: Path) -> None:
     ({"kv_budget": 128, "prefill": "lazy"}, "prefill"),
     ({"kv_budget": 128, "on_full": "panic"}, "on_full"),
     ({"kv_budget": 128, "pool_align": "left"}, "pool_align"),
+    ({"kv_budget": 128, "policy": "ada-kvzip", "window_share": 1.0}, "window_share"),
+    ({"kv_budget": 128, "window_share": 0.25}, "window_share: applies to the kvzip"),
+    ({"window_share": 0.25}, "window_share only apply"),
     # policy arguments without a budget would silently run vanilla llama.cpp
     ({"policy": "snapkv"}, "policy only apply with a KV budget"),
     ({"floor_alpha": 0.5, "prefill": "chunked"}, "floor_alpha, prefill only apply"),

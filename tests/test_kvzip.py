@@ -338,3 +338,44 @@ def test_recon_chunk_default_fills_one_batch(default_model: Path) -> None:
             assert llm.kv_stats()["recon_chunk"] == want
             if explicit is None and n_batch == 512:
                 assert want + longest == cache.n_batch
+
+
+def test_window_share_keeps_what_the_window_attends_to(default_model: Path) -> None:
+    """With a window share of 0.25 (the default), a kvzip compression keeps every row Ada-SnapKV
+    keeps at a quarter of the scored budget from the same window, and the kept rows store
+    their reconstruction scores (softmax maxima, <= 1), not the forced value; with share 0
+    the reconstruction scores alone drop some of them. Why the subset check is exact: both
+    selections read the same window observation of the same rows (same graph, same
+    inputs) through the same C selection code."""
+    from adakv_local.cache.adakv import AdaKVOptions
+    from adakv_local.defaults import KVZIP_WINDOW_SHARE
+
+    assert KVZIP_WINDOW_SHARE == 0.25
+    assert AdaKVOptions(policy="ada-kvzip").share_for("ada-kvzip-global") == 0.25
+    budget, window = 96, 32
+    # a share given explicitly: a compression with ada-snapkv (which has none) ignores it
+    with LocalLLM(default_model, kv_budget=2047, policy="ada-kvzip", n_ctx=2048,
+                  n_threads=2, window_share=0.25) as llm:
+        llm.prefill_tokens(_doc(llm, 600, seed=3))  # under the budget: nothing evicted
+        rc = llm.ragged
+        snap = llm.snapshot()
+        try:
+            llm.compress("ada-snapkv", window + round(0.25 * (budget - window)))
+            want = [[rc.positions(il, h).copy() for h in range(rc.n_head_kv(il))]
+                    for il in range(rc.n_layer)]
+
+            def missing() -> int:
+                return sum(int((~np.isin(want[il][h], rc.positions(il, h))).sum())
+                           for il in range(rc.n_layer) for h in range(rc.n_head_kv(il)))
+
+            llm.restore(snap)
+            llm.compress("ada-kvzip-global", budget)
+            assert llm.kv_stats()["reconstruction"]["calls"] == 1
+            assert missing() == 0
+            entries = llm._cache.row_scores.entries
+            assert all(float(val.max()) <= 1.0 for layer in entries for _, val in layer)
+            llm.restore(snap)
+            llm.compress("ada-kvzip-global", budget, window_share=0.0)
+            assert missing() > 0
+        finally:
+            snap.close()

@@ -7,6 +7,8 @@ return the same bits whatever their order; the selections compare integer row li
 the same float32 keys with the same deterministic ties (lower layer, head, row); the cap
 blend is float32 ``round(count * (1 - alpha) + floor)`` in both, half to even. The running
 maximum of observations is exact as well, so it equals ``np.maximum`` bit for bit.
+``window_union`` only writes a constant into a copy, so the rows it does not force keep
+their bits.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from adakv_local.bindings.policy import (
     select,
     select_flat,
     select_model,
+    window_union,
 )
 
 
@@ -258,3 +261,70 @@ def test_bad_input_is_refused() -> None:
     nan[0] = np.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
         select_model(cfg, nan, lens, g)
+
+
+@pytest.mark.parametrize("policy", ["kvzip", "ada-kvzip", "ada-kvzip-global"])
+def test_window_union_keeps_the_window_selection_first(policy: str) -> None:
+    """The union forces exactly Ada-SnapKV's selection at the share's budget (from the
+    window sums) and leaves every other score as it was; a selection from it keeps every
+    forced row (ada-kvzip, ada-kvzip-global: the layer's budget holds them all) and as
+    many rows as a selection from the reconstruction scores alone; share 0 is the
+    identity."""
+    rng = np.random.default_rng(5)
+    n_layers, n_kv, g, window, budget, share = 3, 4, 2, 8, 72, 0.25
+    lens = [np.array([300, 280, 310, 200][:n_kv], dtype=np.int32) + 7 * il
+            for il in range(n_layers)]
+    n = g * sum(int(x.sum()) for x in lens)
+    recon = (rng.random(n, dtype=np.float32) ** 4).astype(np.float32)
+    win = (rng.random(n, dtype=np.float32) * 8).astype(np.float32)  # sums over 8 queries
+    cfg = PolicyConfig(policy=policy, budget=budget, window=window, n_layers=n_layers,
+                       kernel=1, window_share=share)
+    out = window_union(cfg, recon, win, 8, lens, g)
+    snap = PolicyConfig(policy="ada-snapkv", budget=window + round(share * (budget - window)),
+                        window=window, kernel=1, n_layers=n_layers)
+    bounds = np.cumsum([0] + [g * int(x.sum()) for x in lens])
+    forced = []
+    for il in range(n_layers):
+        sel = select_flat(snap, il, win[bounds[il]:bounds[il + 1]], lens[il], g, n_obs=8)
+        mask = np.zeros(bounds[il + 1] - bounds[il], dtype=bool)
+        off = 0
+        heads = []
+        for h, ln in enumerate(lens[il].tolist()):
+            m = np.zeros(ln, dtype=bool)
+            m[sel.keep[h]] = True
+            heads.append(m)
+            mask[off:off + g * ln] = np.tile(m, g)
+            off += g * ln
+        forced.append(heads)
+        layer = out[bounds[il]:bounds[il + 1]]
+        assert (layer[mask] == 2.0).all()
+        np.testing.assert_array_equal(layer[~mask], recon[bounds[il]:bounds[il + 1]][~mask])
+    plain = select_model(cfg, recon, lens, g)
+    union = select_model(cfg, out, lens, g)
+    # the same budget: per model (ada-kvzip-global moves it across layers), to the caps'
+    # rounding (Ada-KV's round(count * (1 - alpha) + floor): at most 1/2 per head)
+    tot = [sum(int(s.counts.sum()) for s in x) for x in (plain, union)]
+    assert abs(tot[0] - tot[1]) <= n_layers * n_kv // 2
+    for il in range(n_layers):
+        for h in range(n_kv):
+            kept = np.zeros(int(lens[il][h]), dtype=bool)
+            kept[union[il].keep[h]] = True
+            if policy != "kvzip":  # uniform: a head may be granted more than its B'
+                assert kept[forced[il][h]].all()
+    n_forced = sum(int(m.sum()) for heads in forced for m in heads)
+    want = n_layers * n_kv * (window + round(share * (budget - window)))
+    assert abs(n_forced - want) <= n_layers * n_kv // 2
+    zero = PolicyConfig(policy=policy, budget=budget, window=window, n_layers=n_layers)
+    assert window_union(zero, recon, win, 8, lens, g) is recon
+
+
+def test_window_share_is_checked() -> None:
+    for bad in (-0.1, 1.0, float("nan"), "0.2", True):
+        with pytest.raises(ValueError, match="window_share"):
+            PolicyConfig(policy="ada-kvzip", window_share=bad)
+    with pytest.raises(ValueError, match="kvzip policies only"):
+        PolicyConfig(policy="ada-snapkv", window_share=0.25)
+    assert PolicyConfig(policy="ada-snapkv", window_share=0.0).window_share == 0.0
+    with pytest.raises(ValueError, match="kvzip policy"):
+        window_union(PolicyConfig(policy="snapkv"), np.zeros(4, np.float32),
+                     np.zeros(4, np.float32), 1, [np.array([4], np.int32)], 1)

@@ -89,6 +89,8 @@ class EvalSpec:
     kernel: int = LOCALLLM_KERNEL
     pool_align: str = LOCALLLM_POOL_ALIGN
     kvzip_aware: str = "reuse"
+    window_share: float | None = None
+    """The kvzip policies' ``window_share`` (None: ``LocalLLM``'s default, 0.25)."""
     kv_type: str = "f16"
     """K and V pool type of every configuration, the full cache included (``"f16"``,
     ``"q8_0"``): each run is scored against its own full cache."""
@@ -131,6 +133,11 @@ class EvalSpec:
             bad(f"kv_type must be f16 or q8_0, got {self.kv_type!r}")
         if self.kvzip_aware not in ("reuse", "reconstruct"):
             bad(f"kvzip_aware must be reuse or reconstruct, got {self.kvzip_aware!r}")
+        if self.window_share is not None and (
+                isinstance(self.window_share, bool)
+                or not isinstance(self.window_share, (int, float))
+                or not 0.0 <= self.window_share < 1.0):
+            bad(f"window_share must be a number in [0, 1), got {self.window_share!r}")
 
 
 @dataclass
@@ -333,8 +340,11 @@ class Evaluator(Closing):
                     "rows_per_head": rows, "answer": ref.answer}
         extra: dict[str, Any] = {}
         if policy in KVZIP:
+            if self.spec.window_share is not None:
+                options.setdefault("window_share", self.spec.window_share)
             if ref.kvzip is None:
-                ref.kvzip = self._kvzip_scores(p, ref, mode, options)
+                ref.kvzip = self._kvzip_scores(
+                    p, ref, mode, {k: v for k, v in options.items() if k != "window_share"})
             extra = {"scoring_seconds": ref.shared["recon_seconds"],
                      "prefill_seconds": ref.prefill_seconds}
             llm.restore(ref.snap)

@@ -174,6 +174,11 @@ class PolicyConfig:
         n_sinks: StreamingLLM attention sinks.
         pool_align: ``center`` (official) or ``causal`` pooling window, see
             :data:`POOL_ALIGNS`.
+        window_share: the kvzip policies only: the share in [0, 1) of the scored budget
+            given first to the rows Ada-SnapKV picks from the window's attention (the
+            question, when it is there), the rest by the reconstruction scores (see
+            :func:`window_union`); ``0``: reconstruction scores alone. Not read by the C
+            library: the union is made here, from two of its selections.
     """
 
     policy: str = "ada-snapkv"
@@ -187,6 +192,7 @@ class PolicyConfig:
     beta: int = 20
     n_sinks: int = 4
     pool_align: str = "center"
+    window_share: float = 0.0
     _c: Any = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -219,6 +225,14 @@ class PolicyConfig:
         n_layers = None if self.n_layers is None else _int("n_layers", self.n_layers, 1)
         if (self.policy in _PYRAMID or self.policy in _GLOBAL) and n_layers is None:
             raise ValueError(f"n_layers: required by policy {self.policy!r}")
+        share = self.window_share
+        if isinstance(share, (bool, np.bool_)) or not isinstance(
+            share, (int, float, np.integer, np.floating)
+        ) or not 0.0 <= float(share) < 1.0:
+            raise ValueError(f"window_share: must be a number in [0, 1), got {share!r}")
+        if share and self.policy not in KVZIP_POLICIES:
+            raise ValueError(f"window_share: applies to the kvzip policies only, not "
+                             f"{self.policy!r}")
         beta = _int("beta", self.beta, 1)
         n_sinks = _int("n_sinks", self.n_sinks, 0)
         c = ffi.new("adakv_config *")
@@ -811,3 +825,52 @@ def select_model(
     grants = global_grants(config, pooled, la)
     return [select_granted(config, il, pooled[il], la[il], grants[il])
             for il in range(n_layers)]
+
+
+WINDOW_FORCED = 2.0
+"""The score :func:`window_union` gives the rows it forces: above any attention maximum (a
+softmax probability, <= 1), so every allocator keeps them first."""
+
+
+def window_union(config: PolicyConfig, scores: np.ndarray, window_scores: np.ndarray,
+                 n_obs: int, lens_by_layer: Sequence[Sequence[int] | np.ndarray],
+                 n_q_per_kv: int) -> np.ndarray:
+    """The kvzip scores ``scores`` with the rows Ada-SnapKV keeps at ``window_share`` of
+    the scored budget raised to :data:`WINDOW_FORCED`, so that a kvzip selection from the
+    result keeps the union: first what the window's queries attend to (pooled sums, as
+    ``ada-snapkv`` scores them), then the best reconstruction scores.
+
+    ``scores``: the kvzip policies' maxima; ``window_scores``: ``observe_flat(n_obs)`` of
+    the same rows (sums over the window's queries); both the ``observe_flat`` layout of
+    ``lens_by_layer``. Returns a copy (``scores`` when the share is 0 or the share's
+    budget holds no scored row).
+    """
+    if not isinstance(config, PolicyConfig) or config.policy not in KVZIP_POLICIES:
+        raise ValueError("config: window_union needs a kvzip policy")
+    scored = int(round(float(config.window_share) * config.scored_budget))
+    if scored < 1:
+        return scores
+    g = _int("n_q_per_kv", n_q_per_kv, 1)
+    need = g * sum(int(np.sum(x)) for x in lens_by_layer)
+    for name, arr in (("scores", scores), ("window_scores", window_scores)):
+        if np.ndim(arr) != 1 or np.size(arr) != need:
+            raise ValueError(f"{name}: expected n_q_per_kv * sum(lens) = {need} values, got "
+                             f"shape {np.shape(arr)}")
+    snap = PolicyConfig(policy="ada-snapkv", budget=config.window + scored,
+                        window=config.window, floor_alpha=config.floor_alpha,
+                        pooling=config.pooling, kernel=config.kernel, gqa="mean",
+                        n_layers=config.n_layers, pool_align=config.pool_align)
+    out = np.array(scores, dtype=np.float32, copy=True)
+    at = 0
+    for il, lens in enumerate(lens_by_layer):
+        la = _lens(lens)
+        n = g * int(la.sum())
+        sel = select_flat(snap, il, window_scores[at:at + n], la, g, n_obs=n_obs)
+        layer = out[at:at + n]
+        off = 0
+        for h, ln in enumerate(int(x) for x in la):
+            blk = layer[off:off + g * ln].reshape(g, ln)
+            blk[:, np.asarray(sel.keep[h])] = WINDOW_FORCED
+            off += g * ln
+        at += n
+    return out

@@ -28,7 +28,7 @@ from typing import Any
 
 from .._closing import Closing
 from ..bindings import llama as R
-from ..defaults import LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
+from ..defaults import KVZIP_WINDOW_SHARE, LOCALLLM_KERNEL, LOCALLLM_POOL_ALIGN
 from ..errors import AdaKVError, ModelError
 from .base import KVCache, ModelShape
 from .reconstruct import (
@@ -43,7 +43,7 @@ POOL_ALIGN = 256
 """Full mode grows pools to multiples of this many rows: flash attention's CPU kernel rounds
 by view length, so uncompressed ragged runs stay identical to vanilla."""
 
-POLICY_OPTIONS = ("window", "floor_alpha", "pooling", "kernel", "pool_align")
+POLICY_OPTIONS = ("window", "floor_alpha", "pooling", "kernel", "pool_align", "window_share")
 """Policy options :meth:`AdaKVCache.compress` accepts for one call."""
 
 
@@ -63,6 +63,7 @@ class AdaKVOptions:
     on_full: str = "compress"
     headroom: int = 64
     recon_chunk: int | None = None
+    window_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.prefill not in ("full", "chunked"):
@@ -100,7 +101,30 @@ class AdaKVOptions:
 
         return PolicyConfig(policy=self.policy, budget=budget, window=self.window,
                             floor_alpha=self.floor_alpha, pooling=self.pooling,
-                            kernel=self.kernel, n_layers=n_layers, pool_align=self.pool_align)
+                            kernel=self.kernel, n_layers=n_layers, pool_align=self.pool_align,
+                            window_share=self.share_for(self.policy)
+                            if self.window_share is None else self.window_share)
+
+    def share_for(self, policy: str) -> float:
+        """``window_share`` for ``policy`` (a compression with another policy than the
+        instance's): for the kvzip policies as given, or by default
+        :data:`~adakv_local.defaults.KVZIP_WINDOW_SHARE`; 0 for the others, which have
+        none."""
+        from ..bindings.policy import KVZIP_POLICIES
+
+        if policy in KVZIP_POLICIES:
+            return KVZIP_WINDOW_SHARE if self.window_share is None else self.window_share
+        return 0.0
+
+
+def _check_finite(scores: Any) -> None:
+    """ModelError when attention scores are NaN or infinite (a damaged model)."""
+    import numpy as np
+
+    if not np.isfinite(scores).all():
+        raise ModelError("the model's attention scores are NaN or infinite (its weights or "
+                         "hyper-parameters are damaged): Ada-KV cannot rank rows; check the "
+                         "file, or run it without kv_budget")
 
 
 @dataclass(frozen=True)
@@ -259,7 +283,7 @@ class AdaKVCache(KVCache):
         every head has at least ``headroom`` free rows. Returns the per-layer selections
         ([] when nothing could be evicted).
         """
-        from ..bindings.policy import select_flat, select_model
+        from ..bindings.policy import select_flat, select_model, window_union
         from ..bindings.ragged import split_layers
 
         rc, shape, headroom = self.rc, self.shape, self.opts.headroom
@@ -277,9 +301,15 @@ class AdaKVCache(KVCache):
         t0 = time.perf_counter()
         per_layer: list[Any] = [None] * shape.n_layer
         kvzip = cfg.score_reduce == "max"
+        chosen = scores  # what the allocators read (kvzip with a window share: the union)
         if kvzip:  # context-reconstruction scores (maxima: the scorer does not average)
+            # the window's own observation first: a reconstruction overwrites its queries
+            win = (self._window_sums(cfg) if cfg.window_share > 0 else None)
             if scores is None:
                 scores = self.kvzip_scores(cfg, reconstruct=reconstruct)
+            chosen = scores
+            if win is not None:
+                chosen = window_union(cfg, scores, win[0], win[1], lens, group)
             n_obs = 1
         elif cfg.uses_scores and scores is None and rc.window_available() < 1:
             raise AdaKVError("no window queries are stored since the last reconstruction: "
@@ -292,16 +322,11 @@ class AdaKVCache(KVCache):
             n_obs = rc.n_obs(cfg.window)
         if cfg.uses_scores:
             if scores is None:
-                scores = rc.observe_flat(n_obs)  # one graph for all layers
-                import numpy as np
-
-                if not np.isfinite(scores).all():
-                    raise ModelError("the model's attention scores are NaN or infinite (its "
-                                     "weights or hyper-parameters are damaged): Ada-KV cannot "
-                                     "rank rows; check the file, or run it without kv_budget")
-            per_layer = split_layers(scores, lens, group)
+                scores = chosen = rc.observe_flat(n_obs)  # one graph for all layers
+                _check_finite(scores)
+            per_layer = split_layers(chosen, lens, group)
         t1 = time.perf_counter()
-        sels = (select_model(cfg, scores, lens, group, n_obs=n_obs)
+        sels = (select_model(cfg, chosen, lens, group, n_obs=n_obs)
                 if cfg.allocates_across_layers else
                 [select_flat(cfg, il, per_layer[il], lens[il], group, n_obs=n_obs)
                  for il in range(shape.n_layer)])
@@ -372,11 +397,20 @@ class AdaKVCache(KVCache):
         if acc is None:  # no query has seen these rows yet
             acc = np.zeros(rc.observe_size(), dtype=np.float32)
         self.row_scores.merge_into(rc, acc, lens, group, self.tokens)
-        if not np.isfinite(acc).all():
-            raise ModelError("the model's attention scores are NaN or infinite (its weights "
-                             "or hyper-parameters are damaged): Ada-KV cannot rank rows; "
-                             "check the file, or run it without kv_budget")
+        _check_finite(acc)
         return acc
+
+    def _window_sums(self, cfg: Any) -> tuple[Any, int] | None:
+        """The window's ``observe_flat`` (sums over its queries, as Ada-SnapKV scores) and
+        its query count, for the kvzip policies' window share; None when no query is
+        stored (nothing to add)."""
+        rc = self.rc
+        if rc.window_available() < 1:
+            return None
+        n_obs = rc.n_obs(cfg.window)
+        obs = rc.observe_flat(n_obs)
+        _check_finite(obs)
+        return obs, n_obs
 
     def config_for(self, policy: str | None, budget: int | None,
                    options: dict[str, Any]) -> Any:
@@ -387,6 +421,10 @@ class AdaKVCache(KVCache):
         unknown = set(options) - set(POLICY_OPTIONS)
         if unknown:
             raise TypeError(f"unknown policy option(s): {', '.join(sorted(unknown))}")
+        options = dict(options)
+        if policy is not None and "window_share" not in options:
+            # the instance's share (or the default) for the policy of this call
+            options["window_share"] = self.opts.share_for(policy)
         cfg = dataclasses.replace(cur, policy=policy or cur.policy, budget=budget or cur.budget,
                                   **options)
         if cfg.window > self.rc.n_window:
