@@ -68,3 +68,13 @@ def test_demo_shows_vanilla_and_adakv_memory(default_model: Path) -> None:
     assert "vanilla llama.cpp:" in out.stdout and "Ada-KV (ada-snapkv, budget 256):" in out.stdout
     assert "KV cache: vanilla" in out.stdout and "less than the live vanilla rows" in out.stdout
     assert out.stdout.count("(correct)") == 2, out.stdout
+
+
+def test_window_share_flag_reaches_the_policy() -> None:
+    """--window-share is checked with the policy, before the model loads."""
+    out = _run("chat", "-p", "hi", "--kv-budget", "128", "--window-share", "0.3")
+    assert out.returncode == 2 and "applies to the kvzip policies only" in out.stderr
+    out = _run("chat", "-p", "hi", "--kv-budget", "128", "--policy", "ada-kvzip",
+               "--window-share", "1.5")
+    assert out.returncode == 2 and "window_share: must be a number in [0, 1)" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -379,3 +379,21 @@ def test_window_share_keeps_what_the_window_attends_to(default_model: Path) -> N
             assert missing() > 0
         finally:
             snap.close()
+
+
+def test_session_files_record_the_window_share(default_model: Path, tmp_path: Path) -> None:
+    """The share decides later compressions, so a session saved with one is refused by an
+    instance with another (and loads into one with the same)."""
+    from adakv_local.errors import SessionError
+
+    kw = dict(kv_budget=256, policy="ada-kvzip", n_ctx=1024, n_threads=2)
+    path = tmp_path / "chat.session"
+    with LocalLLM(default_model, **kw) as a:
+        a.prefill_tokens(a.tokenize(a.format_chat([{"role": "user", "content": "Hello."}]),
+                                    add_bos=False))
+        assert a.save_session(path)["config"]["window_share"] == 0.25
+    with LocalLLM(default_model, window_share=0.0, **kw) as b:
+        with pytest.raises(SessionError, match="window_share"):
+            b.load_session(path)
+    with LocalLLM(default_model, window_share=0.25, **kw) as c:
+        c.load_session(path)

@@ -68,11 +68,14 @@ def _cache_config(cache: KVCache) -> dict[str, Any] | None:
     if not isinstance(cache, AdaKVCache):
         return None
     cfg = cache.config
-    return {"policy": cfg.policy, "kv_budget": cfg.budget, "window": cfg.window,
-            "floor_alpha": cfg.floor_alpha, "pooling": cfg.pooling, "kernel": cfg.kernel,
-            "pool_align": cfg.pool_align, "prefill": cache.opts.prefill,
-            "chunk": cache.opts.chunk, "on_full": cache.opts.on_full,
-            "headroom": cache.opts.headroom, "n_window": cache.rc.n_window}
+    out = {"policy": cfg.policy, "kv_budget": cfg.budget, "window": cfg.window,
+           "floor_alpha": cfg.floor_alpha, "pooling": cfg.pooling, "kernel": cfg.kernel,
+           "pool_align": cfg.pool_align, "prefill": cache.opts.prefill,
+           "chunk": cache.opts.chunk, "on_full": cache.opts.on_full,
+           "headroom": cache.opts.headroom, "n_window": cache.rc.n_window}
+    if cfg.window_share:  # kvzip policies; absent otherwise, as in files before it existed
+        out["window_share"] = float(cfg.window_share)
+    return out
 
 
 def _payload(cache: KVCache) -> tuple[str, bytes]:
