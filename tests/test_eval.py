@@ -275,6 +275,7 @@ def test_report_is_complete_and_sane(ci_report: dict, tmp_path: Path) -> None:
     assert all(len(c["l1_layers"]) == 30 for c in ci_report["cells"])
     md = table(ci_report)
     assert "| niah-single |" in md and "averaged over tasks and lengths" in md
+    assert "kvzip window share 0.25" in md  # the default, named in the header
     assert sum(compare_policies(ci_report, metric="top1").values()) == n_cells // len(
         spec["policies"])
     assert summary(ci_report)

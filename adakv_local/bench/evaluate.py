@@ -575,6 +575,17 @@ def pooling_label(spec: dict[str, Any]) -> str:
     return f"kernel {spec.get('kernel', 7)}, {spec.get('pool_align', 'center')}"
 
 
+def share_label(spec: dict[str, Any]) -> str:
+    """``, kvzip window share X`` when a report has kvzip policies (reports before the
+    option: 0; None: the default)."""
+    if not any(p in KVZIP for p in spec.get("policies", ())):
+        return ""
+    from ..defaults import KVZIP_WINDOW_SHARE
+
+    share = spec.get("window_share", 0.0)
+    return f", kvzip window share {KVZIP_WINDOW_SHARE if share is None else share:g}"
+
+
 def table(report: dict[str, Any]) -> str:
     """Markdown: per mode, accuracy (top-1 agreement) per task, length, policy and budget,
     then the averages over tasks and lengths."""
@@ -585,7 +596,7 @@ def table(report: dict[str, Any]) -> str:
     for mode in spec["modes"]:
         out.append(f"**{mode}** — accuracy % (top-1 agreement % with the full cache over "
                    f"{spec['teacher_tokens']} teacher-forced tokens), n = {spec['samples']} "
-                   f"per cell, score pooling {pooling_label(spec)}\n")
+                   f"per cell, score pooling {pooling_label(spec)}{share_label(spec)}\n")
         out.append("| task | length | policy | " + " | ".join(f"budget {b}" for b in budgets)
                    + " |")
         out.append("|---|---|---|" + "---|" * len(budgets))
