@@ -146,11 +146,16 @@ def test_scoring_inside_the_attention_matches_the_observations(twins) -> None:
     before = _state(a)
     caps = [c.copy() for c in a.ragged.all_capacities()]
     st = type(cache.recon_stats)()
-    fast = reconstruction_scores(cache, doc, cache.recon_prompt, 256, stats=st)
+    done: list[list[int]] = [[], []]  # progress reports of each method: text tokens
+    fast = reconstruction_scores(cache, doc, cache.recon_prompt, 256, stats=st,
+                                 progress=done[0].append)
     assert st.method == "attention" and st.peak_ring_slots == 0 and st.observe_s == 0
     assert st.chunks == -(-len(doc) // 256)
     _same(before, _state(a))
-    slow = reconstruction_scores(cache, doc, cache.recon_prompt, 256, method="observe")
+    slow = reconstruction_scores(cache, doc, cache.recon_prompt, 256, method="observe",
+                                 progress=done[1].append)
+    want = [256] * (len(doc) // 256) + ([len(doc) % 256] if len(doc) % 256 else [])
+    assert done == [want, want]
     _same(before, _state(a))
     assert fast.shape == slow.shape and np.isfinite(fast).all()
     rel = float(np.linalg.norm(fast - slow) / np.linalg.norm(slow))

@@ -22,6 +22,7 @@ use only those (no reconstruction while generating).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -391,9 +392,20 @@ class AdaKVCache(KVCache):
             if self.recon_prompt is None:
                 raise AdaKVError("no reconstruction prompt: the kvzip policies need one "
                                  "(LocalLLM sets it from the chat template)")
-            acc = reconstruction_scores(self, new, self.recon_prompt, self.recon_chunk,
-                                        acc=acc, stats=self.recon_stats,
-                                        method=self.recon_method)
+            bar = None
+            if self.verbose and len(new) > 2048 and sys.stderr.isatty():
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(new), unit="tok", desc="kvzip scoring", file=sys.stderr,
+                           leave=False)
+            try:
+                acc = reconstruction_scores(self, new, self.recon_prompt, self.recon_chunk,
+                                            acc=acc, stats=self.recon_stats,
+                                            method=self.recon_method,
+                                            progress=None if bar is None else bar.update)
+            finally:
+                if bar is not None:
+                    bar.close()
         if acc is None:  # no query has seen these rows yet
             acc = np.zeros(rc.observe_size(), dtype=np.float32)
         self.row_scores.merge_into(rc, acc, lens, group, self.tokens)

@@ -156,7 +156,8 @@ def reconstruction_scores(cache: Any, text: Sequence[int], prompt: Reconstructio
                           chunk: int, *, acc: np.ndarray | None = None,
                           stats: ReconstructionStats | None = None,
                           on_chunk: Callable[[np.ndarray, list[np.ndarray]], None] | None
-                          = None, method: str = "auto") -> np.ndarray:
+                          = None, method: str = "auto",
+                          progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Score the rows ``cache`` holds by reconstructing ``text``, chunk by chunk.
 
     Args:
@@ -173,6 +174,7 @@ def reconstruction_scores(cache: Any, text: Sequence[int], prompt: Reconstructio
         on_chunk: called with each chunk's raw observation and the lengths it covers
             (tests; implies ``method="observe"``).
         method: one of :data:`METHODS`.
+        progress: called after each chunk with its number of text tokens (a progress bar).
 
     Returns the per-query-head maxima over every reconstruction query, for the rows held
     (flat, the ``observe_flat`` layout of the lengths before the call).
@@ -200,8 +202,8 @@ def reconstruction_scores(cache: Any, text: Sequence[int], prompt: Reconstructio
             if method == "attention":
                 raise
         else:
-            return _scores_in_attention(cache, parts, prompt, p0, acc, st)
-    return _scores_by_observation(cache, parts, prompt, p0, acc, st, on_chunk)
+            return _scores_in_attention(cache, parts, prompt, p0, acc, st, progress)
+    return _scores_by_observation(cache, parts, prompt, p0, acc, st, on_chunk, progress)
 
 
 def _feed_chunk(cache: Any, prompt: ReconstructionPrompt, parts: list[list[int]], i: int,
@@ -224,7 +226,8 @@ def _feed_chunk(cache: Any, prompt: ReconstructionPrompt, parts: list[list[int]]
 
 
 def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: ReconstructionPrompt,
-                         p0: int, acc: np.ndarray | None, st: ReconstructionStats) -> np.ndarray:
+                         p0: int, acc: np.ndarray | None, st: ReconstructionStats,
+                         progress: Callable[[int], None] | None) -> np.ndarray:
     """The chunks decoded with scoring on (``score_begin`` was called)."""
     rc = cache.rc
     lens0 = rc.all_lengths()
@@ -237,6 +240,8 @@ def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: Reconstruct
             t = time.perf_counter()
             cache.rewind(p0)
             st.accumulate_s += time.perf_counter() - t
+            if progress is not None:
+                progress(len(parts[i]))
         t = time.perf_counter()
         done = True  # score_end turns scoring off, also when it raises
         out = rc.score_end()
@@ -256,8 +261,8 @@ def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: Reconstruct
 
 def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: ReconstructionPrompt,
                            p0: int, acc: np.ndarray | None, st: ReconstructionStats,
-                           on_chunk: Callable[[np.ndarray, list[np.ndarray]], None] | None
-                           ) -> np.ndarray:
+                           on_chunk: Callable[[np.ndarray, list[np.ndarray]], None] | None,
+                           progress: Callable[[int], None] | None = None) -> np.ndarray:
     """The chunks decoded with flash attention, each observed with ``observe_max``."""
     from ..bindings.policy import accumulate_max
 
@@ -285,6 +290,8 @@ def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: Reconstru
             cache.rewind(p0)
             st.observe_s += t2 - t1
             st.accumulate_s += time.perf_counter() - t2
+            if progress is not None:
+                progress(len(parts[i]))
     finally:
         if len(cache.tokens) != p0:
             cache.rewind(p0)
