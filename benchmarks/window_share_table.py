@@ -2,8 +2,9 @@
 against the same prompts without it (``eval_kvzip_*.json``, run before the share existed).
 
 Records are paired by (task, length, seed, sample, mode, policy, budget); only cells and
-prompts present in both count. ``full`` and ``ada-snapkv`` do not read the share, so their
-paired answers must agree (printed: a check that the two runs saw the same prompts).
+prompts present in both count (cells only in the new runs are listed apart). ``full`` and
+``ada-snapkv`` do not read the share, so their paired answers must agree (printed: a check
+that the two runs saw the same prompts).
 
     .venv/bin/python benchmarks/window_share_table.py > benchmarks/results/window_share.md
 """
@@ -78,6 +79,19 @@ def main() -> int:
                  f"{mean(new, c, mode, 'ada-kvzip-global'):.0f} "
                  f"({mean(new, c, mode, 'ada-snapkv'):.0f})" for c in cells]
         print(f"- {mode}: " + "; ".join(parts))
+    only = sorted({(k[0], k[1]) for k in new} - {(k[0], k[1]) for k in old})
+    if only:  # cells first run with the share: no pairing, every policy from the new run
+        print("\nCells without a run before the share (accuracy % at 256 rows, n prompts):\n")
+        for cell in only:
+            n = len({k[2:4] for k in new if k[:2] == cell})
+            for mode in ("question-aware", "question-agnostic"):
+                vals = []
+                for pol in ("full", "ada-snapkv", "kvzip", "ada-kvzip", "ada-kvzip-global"):
+                    v = [new[k]["score"] for k in new if k[:2] == cell and k[4] == mode
+                         and k[5] == pol and k[6] == 256]
+                    if v:
+                        vals.append(f"{pol} {100 * sum(v) / len(v):.0f}")
+                print(f"- {cell[0]} {cell[1]} ({n} prompts), {mode}: " + ", ".join(vals))
     return 0
 
 
