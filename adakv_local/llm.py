@@ -81,11 +81,9 @@ class LocalLLM(Closing):
             rows while scoring: at most this many plus the prompt's, per head); None:
             ``n_batch`` minus the reconstruction prompt (482 with the default model and
             ``n_batch``), so that each chunk is one decode call.
-        window_share: kvzip policies: the share in [0, 1) of the budget's scored rows
-            given first to what Ada-SnapKV picks from the last ``window`` queries (the
-            question, when a turn brings one with its document), the rest to the
-            reconstruction scores; None: 0.25
-            (:data:`~adakv_local.defaults.KVZIP_WINDOW_SHARE`); 0: reconstruction alone.
+        window_share: kvzip policies: share in [0, 1) of the scored budget given first to
+            what Ada-SnapKV picks from the last ``window`` queries (a question sent with the
+            document), the rest by reconstruction; None: 0.25; 0: reconstruction alone.
         type_k, type_v: K/V cache types, by name (``"f16"``, ``"q8_0"``, ...) or GGML type
             id as llama-cpp-python takes them; with ``kv_budget``, ``f16`` or ``q8_0`` (the
             ragged pools quantized: half the bytes of f16 per kept row).
