@@ -24,11 +24,9 @@ def _records(paths: list[Path]) -> dict[tuple, dict]:
     for p in paths:
         rep = json.loads(p.read_text())
         seed = rep["spec"].get("seed", 0)
-        share = rep["spec"].get("window_share")
         for r in rep["records"]:
-            key = (r["task"], r["length"], seed, r["sample"], r["mode"], r["policy"],
-                   r["budget"])
-            out[key] = {**r, "window_share": share}
+            out[(r["task"], r["length"], seed, r["sample"], r["mode"], r["policy"],
+                 r["budget"])] = r
     return out
 
 
@@ -48,7 +46,7 @@ def main() -> int:
           f"full and ada-snapkv answers identical in both runs: {sum(same)}/{len(same)}.\n")
     acc: dict[tuple, list[float]] = defaultdict(list)
     for k in both:
-        task, length, _, _, mode, policy, budget = k
+        mode, policy, budget = k[4:]
         if policy in ("full", "ada-snapkv"):
             acc[(mode, policy, "", budget)].append(new[k]["score"])
         else:

@@ -124,6 +124,16 @@ def _int(name: str, value: Any, lo: int, hi: int = _INT32_MAX) -> int:
     return v
 
 
+def _real(name: str, value: Any) -> float:
+    """``value`` as a float (ints and floats, numpy's too, not bools); ValueError naming
+    ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    return float(value)
+
+
 def _check(status: int) -> None:
     """Raise ValueError with the C library's message (it names the parameter)."""
     if status != lib.ADAKV_OK:
@@ -203,11 +213,7 @@ class PolicyConfig:
         budget = _int("budget", self.budget, 1)
         if budget < window:
             raise ValueError(f"budget: must be >= window ({window}), got {budget}")
-        if isinstance(self.floor_alpha, (bool, np.bool_)) or not isinstance(
-            self.floor_alpha, (int, float, np.integer, np.floating)
-        ):
-            raise ValueError(f"floor_alpha: expected a number, got {self.floor_alpha!r}")
-        alpha = float(self.floor_alpha)
+        alpha = _real("floor_alpha", self.floor_alpha)
         if not 0.0 <= alpha <= 1.0:  # NaN fails too
             raise ValueError(f"floor_alpha: must be in [0, 1], got {self.floor_alpha!r}")
         if not isinstance(self.pooling, str) or self.pooling not in POOLINGS:
@@ -225,11 +231,10 @@ class PolicyConfig:
         n_layers = None if self.n_layers is None else _int("n_layers", self.n_layers, 1)
         if (self.policy in _PYRAMID or self.policy in _GLOBAL) and n_layers is None:
             raise ValueError(f"n_layers: required by policy {self.policy!r}")
-        share = self.window_share
-        if isinstance(share, (bool, np.bool_)) or not isinstance(
-            share, (int, float, np.integer, np.floating)
-        ) or not 0.0 <= float(share) < 1.0:
-            raise ValueError(f"window_share: must be a number in [0, 1), got {share!r}")
+        share = _real("window_share", self.window_share)
+        if not 0.0 <= share < 1.0:  # NaN fails too
+            raise ValueError(f"window_share: must be a number in [0, 1), got "
+                             f"{self.window_share!r}")
         if share and self.policy not in KVZIP_POLICIES:
             raise ValueError(f"window_share: applies to the kvzip policies only, not "
                              f"{self.policy!r}")
@@ -856,21 +861,17 @@ def window_union(config: PolicyConfig, scores: np.ndarray, window_scores: np.nda
         if np.ndim(arr) != 1 or np.size(arr) != need:
             raise ValueError(f"{name}: expected n_q_per_kv * sum(lens) = {need} values, got "
                              f"shape {np.shape(arr)}")
+    from .ragged import split_heads, split_layers
+
     snap = PolicyConfig(policy="ada-snapkv", budget=config.window + scored,
                         window=config.window, floor_alpha=config.floor_alpha,
                         pooling=config.pooling, kernel=config.kernel, gqa="mean",
                         n_layers=config.n_layers, pool_align=config.pool_align)
     out = np.array(scores, dtype=np.float32, copy=True)
-    at = 0
-    for il, lens in enumerate(lens_by_layer):
-        la = _lens(lens)
-        n = g * int(la.sum())
-        sel = select_flat(snap, il, window_scores[at:at + n], la, g, n_obs=n_obs)
-        layer = out[at:at + n]
-        off = 0
-        for h, ln in enumerate(int(x) for x in la):
-            blk = layer[off:off + g * ln].reshape(g, ln)
-            blk[:, np.asarray(sel.keep[h])] = WINDOW_FORCED
-            off += g * ln
-        at += n
+    for il, (layer, win) in enumerate(zip(split_layers(out, lens_by_layer, g),
+                                          split_layers(window_scores, lens_by_layer, g),
+                                          strict=True)):
+        sel = select_flat(snap, il, win, lens_by_layer[il], g, n_obs=n_obs)
+        for blk, keep in zip(split_heads(layer, lens_by_layer[il], g), sel.keep, strict=True):
+            blk[:, keep] = WINDOW_FORCED  # views of ``out``
     return out

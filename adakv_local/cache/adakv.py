@@ -22,7 +22,6 @@ use only those (no reconstruction while generating).
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -308,9 +307,7 @@ class AdaKVCache(KVCache):
             win = (self._window_sums(cfg) if cfg.window_share > 0 else None)
             if scores is None:
                 scores = self.kvzip_scores(cfg, reconstruct=reconstruct)
-            chosen = scores
-            if win is not None:
-                chosen = window_union(cfg, scores, win[0], win[1], lens, group)
+            chosen = scores if win is None else window_union(cfg, scores, *win, lens, group)
             n_obs = 1
         elif cfg.uses_scores and scores is None and rc.window_available() < 1:
             raise AdaKVError("no window queries are stored since the last reconstruction: "
@@ -392,12 +389,7 @@ class AdaKVCache(KVCache):
             if self.recon_prompt is None:
                 raise AdaKVError("no reconstruction prompt: the kvzip policies need one "
                                  "(LocalLLM sets it from the chat template)")
-            bar = None
-            if self.verbose and len(new) > 2048 and sys.stderr.isatty():
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(new), unit="tok", desc="kvzip scoring", file=sys.stderr,
-                           leave=False)
+            bar = self._progress_bar(len(new), "kvzip scoring")
             try:
                 acc = reconstruction_scores(self, new, self.recon_prompt, self.recon_chunk,
                                             acc=acc, stats=self.recon_stats,

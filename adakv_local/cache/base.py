@@ -202,14 +202,19 @@ class KVCache(Closing):
             del self.tokens[n:]
         return n
 
+    def _progress_bar(self, total: int, desc: str) -> Any:
+        """A tqdm bar of ``total`` tokens on stderr for long work (``verbose``, a terminal,
+        over 2,048 tokens), else None."""
+        if not (self.verbose and total > 2048 and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="tok", desc=desc, file=sys.stderr, leave=False)
+
     def prefill(self, tokens: list[int], start: int) -> None:
         """Decode ``tokens[start:]`` after the cached ``tokens[:start]``, batch by batch."""
         todo = len(tokens) - start
-        bar = None
-        if self.verbose and todo > 2048 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=todo, unit="tok", desc="prefill", file=sys.stderr, leave=False)
+        bar = self._progress_bar(todo, "prefill")
         t0 = time.perf_counter()
         pos = start
         chunk = self._prefill_chunk()

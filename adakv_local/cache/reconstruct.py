@@ -207,11 +207,11 @@ def reconstruction_scores(cache: Any, text: Sequence[int], prompt: Reconstructio
 
 
 def _feed_chunk(cache: Any, prompt: ReconstructionPrompt, parts: list[list[int]], i: int,
-                lens0: list[np.ndarray], st: ReconstructionStats
-                ) -> tuple[int, list[np.ndarray]]:
+                lens0: list[np.ndarray], st: ReconstructionStats,
+                progress: Callable[[int], None] | None) -> tuple[int, list[np.ndarray]]:
     """Decode chunk ``i`` (its prompt, then its text) after the rows held, counted in ``st``
-    (feed time, tokens, the most rows any head holds beyond ``lens0``); returns its length
-    and the lengths now."""
+    (feed time, tokens, the most rows any head holds beyond ``lens0``) and reported to
+    ``progress`` (its text tokens); returns its length and the lengths now."""
     seq = prompt.for_chunk(i, parts[i - 1] if i else ())
     seq += parts[i]
     t0 = time.perf_counter()
@@ -222,6 +222,8 @@ def _feed_chunk(cache: Any, prompt: ReconstructionPrompt, parts: list[list[int]]
     st.peak_extra_rows = max(st.peak_extra_rows, extra)
     st.chunks += 1
     st.tokens += len(seq)
+    if progress is not None:
+        progress(len(parts[i]))
     return len(seq), lens
 
 
@@ -236,12 +238,10 @@ def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: Reconstruct
     done = False
     try:
         for i in range(len(parts)):
-            _feed_chunk(cache, prompt, parts, i, lens0, st)
+            _feed_chunk(cache, prompt, parts, i, lens0, st, progress)
             t = time.perf_counter()
             cache.rewind(p0)
             st.accumulate_s += time.perf_counter() - t
-            if progress is not None:
-                progress(len(parts[i]))
         t = time.perf_counter()
         done = True  # score_end turns scoring off, also when it raises
         out = rc.score_end()
@@ -262,7 +262,7 @@ def _scores_in_attention(cache: Any, parts: list[list[int]], prompt: Reconstruct
 def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: ReconstructionPrompt,
                            p0: int, acc: np.ndarray | None, st: ReconstructionStats,
                            on_chunk: Callable[[np.ndarray, list[np.ndarray]], None] | None,
-                           progress: Callable[[int], None] | None = None) -> np.ndarray:
+                           progress: Callable[[int], None] | None) -> np.ndarray:
     """The chunks decoded with flash attention, each observed with ``observe_max``."""
     from ..bindings.policy import accumulate_max
 
@@ -279,7 +279,7 @@ def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: Reconstru
     st.method = "observe"
     try:
         for i in range(len(parts)):
-            n, lens = _feed_chunk(cache, prompt, parts, i, lens0, st)
+            n, lens = _feed_chunk(cache, prompt, parts, i, lens0, st, progress)
             t1 = time.perf_counter()
             obs = rc.observe_flat(n, reduce="max")
             t2 = time.perf_counter()
@@ -290,8 +290,6 @@ def _scores_by_observation(cache: Any, parts: list[list[int]], prompt: Reconstru
             cache.rewind(p0)
             st.observe_s += t2 - t1
             st.accumulate_s += time.perf_counter() - t2
-            if progress is not None:
-                progress(len(parts[i]))
     finally:
         if len(cache.tokens) != p0:
             cache.rewind(p0)
