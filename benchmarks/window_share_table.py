@@ -23,6 +23,8 @@ def _records(paths: list[Path]) -> dict[tuple, dict]:
     out = {}
     for p in paths:
         rep = json.loads(p.read_text())
+        if isinstance(rep["spec"].get("seed"), list):
+            continue  # a merge of the runs read here (benchmarks/merge_reports.py)
         seed = rep["spec"].get("seed", 0)
         for r in rep["records"]:
             out[(r["task"], r["length"], seed, r["sample"], r["mode"], r["policy"],
