@@ -13,6 +13,14 @@ before / after scoring.
     .venv/bin/python benchmarks/bench_kvzip_scoring.py [--lengths 2048,8192]
         [--chunks auto,256,512,1024] [--methods auto,observe] [--budget 256] [--threads 2]
         [--prefill full|chunked] [--json benchmarks/results/kvzip_scoring.json]
+        [--model PATH]
+
+``--model`` times another GGUF (default: the embedded model). Timings do not depend on the
+weights, so a random model of a desktop size shows how the ratio moves with the model:
+
+    .venv/bin/python -m adakv_local.testing.tiny_models llama-1b-q4k build/models/1b.gguf
+    .venv/bin/python benchmarks/bench_kvzip_scoring.py --model build/models/1b.gguf \\
+        --lengths 2048,4096 --json benchmarks/results/kvzip_scoring_1b.json
 """
 
 from __future__ import annotations
@@ -36,13 +44,13 @@ def _rss() -> int:
 
 
 def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill: str,
-            prefill_chunk: int, method: str = "auto") -> dict:
+            prefill_chunk: int, method: str = "auto", model: str | None = None) -> dict:
     """One configuration; ``chunk`` None is LocalLLM's default (n_batch minus the prompt)."""
     from adakv_local import LocalLLM
     from adakv_local.bench.eval_tasks import make_sample
 
     n_ctx = n_tokens + (chunk or 512) + 512
-    llm = LocalLLM(None, kv_budget=budget, policy="ada-kvzip", n_ctx=n_ctx, n_threads=threads,
+    llm = LocalLLM(model, kv_budget=budget, policy="ada-kvzip", n_ctx=n_ctx, n_threads=threads,
                    recon_chunk=chunk, prefill=prefill, chunk=prefill_chunk, seed=0)
     s = make_sample("niah-single", n_tokens, 0,
                     count_tokens=lambda x: len(llm.tokenize(x.user_text())))
@@ -69,6 +77,7 @@ def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill
     slot = sum(rc.n_head(il) * rc.n_embd_head(il) * 4 for il in range(rc.n_layer))
     scoring = rec["feed_s"] + rec["observe_s"] + rec["accumulate_s"] + rec["ring_s"]
     out = {
+        "model": llm.model_path.name, "model_bytes": llm.model_path.stat().st_size,
         "prompt_tokens": len(toks), "recon_chunk": cache.recon_chunk,
         "recon_chunk_option": chunk if chunk is not None else "auto", "budget": budget,
         "method": rec["method"],
@@ -108,13 +117,15 @@ def main() -> int:
     ap.add_argument("--prefill", default="full", choices=["full", "chunked"])
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--json", default=str(RESULTS / "kvzip_scoring.json"))
+    ap.add_argument("--model", default=None,
+                    help="GGUF to time (default: the embedded model)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
     ns = ap.parse_args()
     if ns.one:
         n_s, c_s, m = ns.one.split(":")
         c = None if c_s == "auto" else int(c_s)
         print(json.dumps(run_one(int(n_s), c, ns.budget, ns.threads, ns.prefill,
-                                 ns.prefill_chunk, m)))
+                                 ns.prefill_chunk, m, ns.model)))
         return 0
     from adakv_local.bench.machine import machine_info
 
@@ -125,6 +136,8 @@ def main() -> int:
                    "--budget", str(ns.budget),
                    "--threads", str(ns.threads), "--prefill", ns.prefill,
                    "--prefill-chunk", str(ns.prefill_chunk)]
+            if ns.model:
+                cmd += ["--model", ns.model]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(r)

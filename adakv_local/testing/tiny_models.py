@@ -96,8 +96,14 @@ BIG_PRESETS: dict[str, dict[str, Any]] = {
     "llama-8b-attn-q4k": dict(arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
                               n_ff=1024, n_vocab=4096, n_ctx_train=32768,
                               rope_freq_base=500_000.0, dtype="q4_k"),
+    # Llama-3.2-1B shape (16 layers, 32/8 heads, head_dim 64, n_ff 8192) with a 32K
+    # vocabulary, Q4_K, ~0.6 GiB: a desktop-sized model for CPU timings, where the linear
+    # layers weigh more of a forward pass than in the 135M default (bench_kvzip_scoring.py).
+    "llama-1b-q4k": dict(arch="llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8,
+                         n_ff=8192, n_vocab=32000, n_ctx_train=32768,
+                         rope_freq_base=500_000.0, dtype="q4_k"),
 }
-"""Large configurations for GPU tests (slow to write on CPU, large on disk)."""
+"""Large configurations for GPU tests and CPU timings (slow to write, large on disk)."""
 
 PRESETS: dict[str, dict[str, Any]] = {**TINY_PRESETS, **BIG_PRESETS}
 """All named configurations."""
