@@ -123,15 +123,15 @@ def test_merge_reports_script_joins_seeds_and_refuses_mixed_runs(tmp_path: Path)
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_reports.py"
 
-    def report(seed: int, samples: int, **spec_extra: object) -> Path:
-        recs = [{"mode": "question-agnostic", "task": "a", "length": 1024, "policy": "snapkv",
+    def report(seed: int, samples: int, task: str = "a", **spec_extra: object) -> Path:
+        recs = [{"mode": "question-agnostic", "task": task, "length": 1024, "policy": "snapkv",
                  "budget": 128, "prompt_tokens": 1030.0, "score": float(i % 2), "kl": 0.1,
                  "top1": 0.9, "l1": 1.0, "bound": 2.0, "rows_per_head": 128.0, "sample": i}
                 for i in range(samples)]
-        spec = {"tasks": ["a"], "lengths": [1024], "budgets": [128], "policies": ["snapkv"],
+        spec = {"tasks": [task], "lengths": [1024], "budgets": [128], "policies": ["snapkv"],
                 "modes": ["question-agnostic"], "samples": samples, "teacher_tokens": 64,
                 "kernel": 11, "pool_align": "causal", "seed": seed, **spec_extra}
-        path = tmp_path / f"r{seed}_{samples}_{len(spec_extra)}.json"
+        path = tmp_path / f"r{seed}_{samples}_{task}_{len(spec_extra)}.json"
         path.write_text(json.dumps({"spec": spec, "records": recs, "cells": [],
                                     "seconds": 1.0, "partial": True, "model": "m.gguf",
                                     "machine": {"cpu": "test", "cores": 1}}))
@@ -149,18 +149,8 @@ def test_merge_reports_script_joins_seeds_and_refuses_mixed_runs(tmp_path: Path)
     assert "n = 20 per cell" in (tmp_path / "m.md").read_text()
     mixed = run(report(0, 8), report(1, 12, window=16))
     assert mixed.returncode == 2 and "settings differ" in mixed.stderr
-    unequal = run(report(0, 8), report(1, 12), _retask(report(2, 3)))
+    unequal = run(report(0, 8), report(1, 12), report(2, 3, task="b"))
     assert unequal.returncode == 2 and "different numbers of prompts" in unequal.stderr
-
-
-def _retask(path: Path) -> Path:
-    """The same report for task ``b`` (a second cell with its own prompt count)."""
-    rep = json.loads(path.read_text())
-    rep["spec"]["tasks"] = ["b"]
-    for r in rep["records"]:
-        r["task"] = "b"
-    path.write_text(json.dumps(rep))
-    return path
 
 
 def test_bad_task_arguments() -> None:
