@@ -386,6 +386,47 @@ def test_window_share_keeps_what_the_window_attends_to(default_model: Path) -> N
             snap.close()
 
 
+def test_a_given_window_observation_selects_what_observing_again_does(
+        default_model: Path) -> None:
+    """``compress(scores=, n_obs=, window_scores=)`` (what the eval does, to observe each
+    snapshot's window once) keeps the same rows as a compression that observes the window
+    itself, and refuses an observation of other rows or a policy without a share. Why the
+    equality is exact: after ``restore`` both observations run the same graph on the same
+    rows and queries, and the selections read them through the same code."""
+    budget = 96
+    with LocalLLM(default_model, kv_budget=2047, policy="ada-kvzip-global", n_ctx=2048,
+                  n_threads=2) as llm:
+        llm.prefill_tokens(_doc(llm, 600, seed=5))
+        rc = llm.ragged
+        snap = llm.snapshot()
+        try:
+            n_obs = rc.n_obs(llm._cache.config.window)
+            obs = rc.observe_flat(n_obs)
+            kz = llm.kvzip_scores()
+
+            def kept(**kw: object) -> list[list[np.ndarray]]:
+                llm.restore(snap)
+                llm.compress("ada-kvzip-global", budget, scores=kz, **kw)
+                return [[rc.positions(il, h).copy() for h in range(rc.n_head_kv(il))]
+                        for il in range(rc.n_layer)]
+
+            want = kept()
+            got = kept(n_obs=n_obs, window_scores=obs)
+            assert all(np.array_equal(a, b) for wl, gl in zip(want, got, strict=True)
+                       for a, b in zip(wl, gl, strict=True))
+            assert sum(int(p.size) for layer in got for p in layer) < rc.n_layer * rc.n_head_kv(
+                0) * 600  # something was evicted
+            with pytest.raises(ValueError, match="window_scores"):
+                kept(n_obs=n_obs, window_scores=obs[:-1])
+            with pytest.raises(ValueError, match="window_scores"):
+                kept(window_scores=obs)  # no n_obs
+            llm.restore(snap)
+            with pytest.raises(ValueError, match="kvzip policies only"):
+                llm.compress("ada-snapkv", budget, scores=obs, n_obs=n_obs, window_scores=obs)
+        finally:
+            snap.close()
+
+
 def test_session_files_record_the_window_share(default_model: Path, tmp_path: Path) -> None:
     """The share decides later compressions, so a session saved with one is refused by an
     instance with another (and loads into one with the same)."""

@@ -348,7 +348,9 @@ class Evaluator(Closing):
             extra = {"scoring_seconds": ref.shared["recon_seconds"],
                      "prefill_seconds": ref.prefill_seconds}
             llm.restore(ref.snap)
-            sels = llm.compress(policy, budget, scores=ref.kvzip, **options)
+            # the window share reads the snapshot's window: observed once, with the reference
+            sels = llm.compress(policy, budget, scores=ref.kvzip, n_obs=ref.n_obs,
+                                window_scores=ref.scores, **options)
         else:
             llm.restore(ref.snap)
             sels = llm.compress(policy, budget, scores=ref.scores, n_obs=ref.n_obs,

@@ -271,7 +271,7 @@ class AdaKVCache(KVCache):
 
     # ------------------------------------------------------------------ compression
     def compress(self, cfg: Any = None, scores: Any = None, n_obs: int | None = None, *,
-                 reconstruct: bool | None = None) -> list[Any]:
+                 reconstruct: bool | None = None, window_scores: Any = None) -> list[Any]:
         """Observe the window, select rows per head with the policy, compact every layer.
 
         ``cfg`` overrides the policy (a :class:`~adakv_local.bindings.policy.PolicyConfig`);
@@ -280,8 +280,10 @@ class AdaKVCache(KVCache):
         :meth:`kvzip_scores` for the kvzip policies, whose ``n_obs`` is not read), so it is
         not redone. ``reconstruct`` (kvzip policies): whether to reconstruct the text since
         the rows were last scored (None: when it is longer than the window). Afterwards
-        every head has at least ``headroom`` free rows. Returns the per-layer selections
-        ([] when nothing could be evicted).
+        every head has at least ``headroom`` free rows. ``window_scores`` (kvzip policies with
+        a window share): the window's ``observe_flat(n_obs)`` of the current rows, made
+        earlier, instead of observing it again. Returns the per-layer selections ([] when
+        nothing could be evicted).
         """
         from ..bindings.policy import select_flat, select_model, window_union
         from ..bindings.ragged import split_layers
@@ -302,9 +304,12 @@ class AdaKVCache(KVCache):
         per_layer: list[Any] = [None] * shape.n_layer
         kvzip = cfg.score_reduce == "max"
         chosen = scores  # what the allocators read (kvzip with a window share: the union)
+        if window_scores is not None and not kvzip:
+            raise ValueError(f"window_scores: for the kvzip policies only, not {cfg.policy}")
         if kvzip:  # context-reconstruction scores (maxima: the scorer does not average)
             # the window's own observation first: a reconstruction overwrites its queries
-            win = (self._window_sums(cfg) if cfg.window_share > 0 else None)
+            win = (None if cfg.window_share <= 0 else self._window_sums(cfg)
+                   if window_scores is None else self._given_window(window_scores, n_obs))
             if scores is None:
                 scores = self.kvzip_scores(cfg, reconstruct=reconstruct)
             chosen = scores if win is None else window_union(cfg, scores, *win, lens, group)
@@ -415,6 +420,16 @@ class AdaKVCache(KVCache):
         obs = rc.observe_flat(n_obs)
         _check_finite(obs)
         return obs, n_obs
+
+    def _given_window(self, obs: Any, n_obs: int | None) -> tuple[Any, int]:
+        """``window_scores`` checked: an observation of the current rows, with its n_obs."""
+        size = (self.shape.n_head // self.shape.n_head_kv) * sum(
+            int(x.sum()) for x in self.rc.all_lengths())
+        if n_obs is None or getattr(obs, "size", None) != size:
+            raise ValueError("window_scores: an observation of the current rows "
+                             "(observe_flat) with its n_obs is required")
+        _check_finite(obs)
+        return obs, int(n_obs)
 
     def config_for(self, policy: str | None, budget: int | None,
                    options: dict[str, Any]) -> Any:
