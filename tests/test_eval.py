@@ -169,6 +169,10 @@ def test_bad_task_arguments() -> None:
     ({"lengths": (1024.5,)}, "lengths"),
     ({"source": "web"}, "source"),
     ({"kv_type": "q4_0"}, "kv_type"),
+    ({"window_share": 1.0}, r"window_share: must be a number in \[0, 1\)"),
+    ({"window_share": True}, "window_share"),
+    ({"window_share": float("nan")}, "window_share"),
+    ({"window_share": "0.25"}, "window_share"),
 ])
 def test_spec_refuses_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -133,11 +133,10 @@ class EvalSpec:
             bad(f"kv_type must be f16 or q8_0, got {self.kv_type!r}")
         if self.kvzip_aware not in ("reuse", "reconstruct"):
             bad(f"kvzip_aware must be reuse or reconstruct, got {self.kvzip_aware!r}")
-        if self.window_share is not None and (
-                isinstance(self.window_share, bool)
-                or not isinstance(self.window_share, (int, float))
-                or not 0.0 <= self.window_share < 1.0):
-            bad(f"window_share must be a number in [0, 1), got {self.window_share!r}")
+        if self.window_share is not None:
+            from ..bindings.policy import check_window_share
+
+            check_window_share(self.window_share)  # the policies' own check
 
 
 @dataclass

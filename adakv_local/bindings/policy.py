@@ -134,6 +134,18 @@ def _real(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_window_share(value: Any) -> float:
+    """``value`` as a kvzip ``window_share``: a number in [0, 1) (not a bool, not NaN);
+    ValueError otherwise."""
+    try:
+        share = _real("window_share", value)
+    except ValueError:
+        share = float("nan")
+    if not 0.0 <= share < 1.0:  # NaN fails too
+        raise ValueError(f"window_share: must be a number in [0, 1), got {value!r}")
+    return share
+
+
 def _check(status: int) -> None:
     """Raise ValueError with the C library's message (it names the parameter)."""
     if status != lib.ADAKV_OK:
@@ -231,10 +243,7 @@ class PolicyConfig:
         n_layers = None if self.n_layers is None else _int("n_layers", self.n_layers, 1)
         if (self.policy in _PYRAMID or self.policy in _GLOBAL) and n_layers is None:
             raise ValueError(f"n_layers: required by policy {self.policy!r}")
-        share = _real("window_share", self.window_share)
-        if not 0.0 <= share < 1.0:  # NaN fails too
-            raise ValueError(f"window_share: must be a number in [0, 1), got "
-                             f"{self.window_share!r}")
+        share = check_window_share(self.window_share)
         if share and self.policy not in KVZIP_POLICIES:
             raise ValueError(f"window_share: applies to the kvzip policies only, not "
                              f"{self.policy!r}")
