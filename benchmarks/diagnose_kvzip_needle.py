@@ -53,8 +53,28 @@ def _positions(ev: Evaluator) -> list[list[np.ndarray]]:
             for il in range(rc.n_layer)]
 
 
+def _probe_window(ev: Evaluator, ref: Any, probe: list[int]) -> tuple[np.ndarray, int]:
+    """The window share's observation from a generic probe instead of the document's end:
+    ``probe`` appended to ``ref``'s snapshot, its window observed, narrowed to the rows the
+    snapshot holds (the probe's own rows dropped; nothing is evicted in the snapshot, so
+    every head's rows are positions 0..n-1 and the probe's come after them)."""
+    llm, g = ev.llm, ev.group
+    llm.restore(ref.snap)
+    llm.append_tokens(probe)
+    rc = llm.ragged
+    n_obs = rc.n_obs(ev.spec.window)
+    obs, lens = rc.observe_flat(n_obs), rc.all_lengths()
+    out, oi = [], 0
+    for ln, hl in zip(lens, ref.lens, strict=True):
+        for n, m in zip((int(x) for x in ln), (int(x) for x in hl), strict=True):
+            out.append(obs[oi:oi + g * n].reshape(g, n)[:, :m].ravel())
+            oi += g * n
+    llm.restore(ref.snap)
+    return np.concatenate(out), n_obs
+
+
 def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
-             n_heads: int) -> dict[str, Any]:
+             n_heads: int, probe: str | None = None) -> dict[str, Any]:
     """One prompt's record (see the module doc)."""
     llm, g = ev.llm, ev.group
     p = ev.prompt(TASK, length, index)
@@ -105,13 +125,22 @@ def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
     ag.kvzip = forced
     oracle = ev.evaluate(p, ag, MODE, policy, budget)
     ag.kvzip = kz
+    probed: dict[str, Any] = {}
+    if probe is not None:  # the window share from the probe's attention, not the document end
+        saved = ag.scores, ag.n_obs
+        ag.scores, ag.n_obs = _probe_window(ev, ag, llm.tokenize(probe, add_bos=False))
+        try:
+            r = ev.evaluate(p, ag, MODE, policy, budget)
+        finally:
+            ag.scores, ag.n_obs = saved
+        probed = {"probe_answer": r["answer"], "probe_score": r["score"], "probe_kl": r["kl"]}
     return {"sample": index, "length": length, "prompt_tokens": len(p.ctx) + len(p.question),
             "budget": budget, "policy": policy, "depth": p.sample.meta["depth"],
             "needle_tokens": [n0, n1], "value_tokens": [v0, v1],
             "full_answer": ag.answer, "full_score": ag.score,
             "answer": rec["answer"], "score": rec["score"], "kl": rec["kl"],
             "oracle_answer": oracle["answer"], "oracle_score": oracle["score"],
-            "oracle_kl": oracle["kl"], "value_kept_weighted": weighted,
+            "oracle_kl": oracle["kl"], **probed, "value_kept_weighted": weighted,
             "retrieval_heads": heads[:n_heads]}
 
 
@@ -124,6 +153,9 @@ def main() -> int:
     ap.add_argument("--policy", default="ada-kvzip-global")
     ap.add_argument("--heads", type=int, default=5, help="retrieval heads reported")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--probe", default=None,
+                    help="also answer with the window share read from this text appended "
+                         "to the document (a generic probe) instead of the document's end")
     ap.add_argument("--json", default=None,
                     help="output (default results/kvzip_needle_<length>.json)")
     ns = ap.parse_args()
@@ -134,7 +166,7 @@ def main() -> int:
     records = []
     with Evaluator(spec) as ev:
         for i in range(ns.samples):
-            r = diagnose(ev, i, ns.length, ns.budget, ns.policy, ns.heads)
+            r = diagnose(ev, i, ns.length, ns.budget, ns.policy, ns.heads, ns.probe)
             records.append(r)
             top = r["retrieval_heads"][0]
             print(f"prompt {i}: full {r['full_score']:.0f} policy {r['score']:.0f} oracle "
@@ -144,7 +176,10 @@ def main() -> int:
                   f"{top['granted']} granted", file=sys.stderr)
             out.write_text(json.dumps({"spec": vars(ns), "records": records}, indent=1))
     ok = [r for r in records if r["full_score"] == 1.0]
-    for name, key in (("policy", "score"), ("oracle", "oracle_score")):
+    for name, key in (("policy", "score"), ("oracle", "oracle_score"),
+                      ("probe", "probe_score")):
+        if not ok or key not in ok[0]:
+            continue
         print(f"{name}: {sum(r[key] for r in ok):.0f}/{len(ok)} of the prompts the full "
               "cache answers")
     for label, rs in (("answered", [r for r in ok if r["score"] == 1.0]),
