@@ -73,8 +73,22 @@ def _probe_window(ev: Evaluator, ref: Any, probe: list[int]) -> tuple[np.ndarray
     return np.concatenate(out), n_obs
 
 
+def _value_weighted(ev: Evaluator, ref: Any, scores: np.ndarray, how: str) -> np.ndarray:
+    """``scores`` (the kvzip layout of ``ref``'s rows) times each row's value norm
+    ``||v_j||`` (VATP-style: a row that is attended to but writes little matters little);
+    ``how="head"`` divides the norms by their mean in the head, so only the ranking inside a
+    head changes, ``"raw"`` leaves them as they are (the allocation across heads moves too)."""
+    out = scores.copy()
+    for il, flat in enumerate(split_layers(out, ref.lens, ev.group)):
+        for h, blk in enumerate(split_heads(flat, ref.lens[il], ev.group)):
+            norm = np.linalg.norm(ref.vrows[il][h], axis=1)
+            blk *= norm / norm.mean() if how == "head" else norm
+    return out
+
+
 def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
-             n_heads: int, probe: str | None = None) -> dict[str, Any]:
+             n_heads: int, probe: str | None = None,
+             vnorm: str | None = None) -> dict[str, Any]:
     """One prompt's record (see the module doc)."""
     llm, g = ev.llm, ev.group
     p = ev.prompt(TASK, length, index)
@@ -134,6 +148,14 @@ def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
         finally:
             ag.scores, ag.n_obs = saved
         probed = {"probe_answer": r["answer"], "probe_score": r["score"], "probe_kl": r["kl"]}
+    if vnorm is not None:  # the reconstruction scores weighted by the rows' value norms
+        ag.kvzip = _value_weighted(ev, ag, kz, vnorm)
+        try:
+            r = ev.evaluate(p, ag, MODE, policy, budget)
+        finally:
+            ag.kvzip = kz
+        probed.update({"vnorm": vnorm, "vnorm_answer": r["answer"], "vnorm_score": r["score"],
+                       "vnorm_kl": r["kl"]})
     return {"sample": index, "length": length, "prompt_tokens": len(p.ctx) + len(p.question),
             "budget": budget, "policy": policy, "depth": p.sample.meta["depth"],
             "needle_tokens": [n0, n1], "value_tokens": [v0, v1],
@@ -156,6 +178,9 @@ def main() -> int:
     ap.add_argument("--probe", default=None,
                     help="also answer with the window share read from this text appended "
                          "to the document (a generic probe) instead of the document's end")
+    ap.add_argument("--vnorm", default=None, choices=["head", "raw"],
+                    help="also answer with the reconstruction scores times the rows' value "
+                         "norms (head: norms over their mean in the head)")
     ap.add_argument("--json", default=None,
                     help="output (default results/kvzip_needle_<length>.json)")
     ns = ap.parse_args()
@@ -166,7 +191,8 @@ def main() -> int:
     records = []
     with Evaluator(spec) as ev:
         for i in range(ns.samples):
-            r = diagnose(ev, i, ns.length, ns.budget, ns.policy, ns.heads, ns.probe)
+            r = diagnose(ev, i, ns.length, ns.budget, ns.policy, ns.heads, ns.probe,
+                         ns.vnorm)
             records.append(r)
             top = r["retrieval_heads"][0]
             print(f"prompt {i}: full {r['full_score']:.0f} policy {r['score']:.0f} oracle "
@@ -177,7 +203,7 @@ def main() -> int:
             out.write_text(json.dumps({"spec": vars(ns), "records": records}, indent=1))
     ok = [r for r in records if r["full_score"] == 1.0]
     for name, key in (("policy", "score"), ("oracle", "oracle_score"),
-                      ("probe", "probe_score")):
+                      ("probe", "probe_score"), ("value norms", "vnorm_score")):
         if not ok or key not in ok[0]:
             continue
         print(f"{name}: {sum(r[key] for r in ok):.0f}/{len(ok)} of the prompts the full "
