@@ -397,16 +397,12 @@ class LocalLLM(Closing):
     def compress(self, policy: str | None = None, kv_budget: int | None = None, *,
                  scores: Any = None, n_obs: int | None = None, window_scores: Any = None,
                  **options: Any) -> list[Any]:
-        """Compress the cache now with this instance's policy, or with ``policy`` /
-        ``kv_budget`` / policy ``options`` (window, floor_alpha, pooling, kernel,
-        pool_align, window_share) for this call only. ``scores``/``n_obs``: an earlier
-        ``ragged.observe_flat(n_obs)`` of the current rows (kvzip policies:
-        :meth:`kvzip_scores`, and ``window_scores``/``n_obs`` the window's observation for
-        the window share). Returns the per-layer selections ([] when nothing was
-        evicted)."""
+        """Compress now with this instance's policy, or ``policy``/``kv_budget``/``options``
+        (window, floor_alpha, pooling, kernel, pool_align, window_share) for this call; the
+        selections per layer. ``scores``/``n_obs``/``window_scores``: see AdaKVCache.compress."""
         cache = self._ada("compress()")
-        return cache.compress(cache.config_for(policy, kv_budget, options), scores, n_obs,
-                              window_scores=window_scores)
+        cfg = cache.config_for(policy, kv_budget, options)
+        return cache.compress(cfg, scores, n_obs, window_scores=window_scores)
 
     def kvzip_scores(self, **options: Any) -> Any:
         """The kvzip policies' scores of the rows held now (the most attention from the last

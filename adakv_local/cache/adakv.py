@@ -277,13 +277,13 @@ class AdaKVCache(KVCache):
         ``cfg`` overrides the policy (a :class:`~adakv_local.bindings.policy.PolicyConfig`);
         ``scores``/``n_obs`` give an observation made earlier on the current rows (the flat
         :meth:`~adakv_local.bindings.ragged.RaggedContext.observe_flat` buffer, or
-        :meth:`kvzip_scores` for the kvzip policies, whose ``n_obs`` is not read), so it is
-        not redone. ``reconstruct`` (kvzip policies): whether to reconstruct the text since
-        the rows were last scored (None: when it is longer than the window). Afterwards
-        every head has at least ``headroom`` free rows. ``window_scores`` (kvzip policies with
-        a window share): the window's ``observe_flat(n_obs)`` of the current rows, made
-        earlier, instead of observing it again. Returns the per-layer selections ([] when
-        nothing could be evicted).
+        :meth:`kvzip_scores` for the kvzip policies: ``n_obs`` then goes with
+        ``window_scores``), so it is not redone. ``reconstruct`` (kvzip policies): whether to
+        reconstruct the text since the rows were last scored (None: when it is longer than the
+        window). ``window_scores`` (kvzip policies with a window share): the window's
+        ``observe_flat(n_obs)`` of the current rows, made earlier, instead of observing it
+        again. Afterwards every head has at least ``headroom`` free rows. Returns the
+        per-layer selections ([] when nothing could be evicted).
         """
         from ..bindings.policy import select_flat, select_model, window_union
         from ..bindings.ragged import split_layers
