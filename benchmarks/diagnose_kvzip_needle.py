@@ -64,11 +64,9 @@ def _probe_window(ev: Evaluator, ref: Any, probe: list[int]) -> tuple[np.ndarray
     rc = llm.ragged
     n_obs = rc.n_obs(ev.spec.window)
     obs, lens = rc.observe_flat(n_obs), rc.all_lengths()
-    out, oi = [], 0
-    for ln, hl in zip(lens, ref.lens, strict=True):
-        for n, m in zip((int(x) for x in ln), (int(x) for x in hl), strict=True):
-            out.append(obs[oi:oi + g * n].reshape(g, n)[:, :m].ravel())
-            oi += g * n
+    out = [blk[:, :int(m)].ravel()
+           for il, flat in enumerate(split_layers(obs, lens, g))
+           for blk, m in zip(split_heads(flat, lens[il], g), ref.lens[il], strict=True)]
     llm.restore(ref.snap)
     return np.concatenate(out), n_obs
 

@@ -137,10 +137,7 @@ def _real(name: str, value: Any) -> float:
 def check_window_share(value: Any) -> float:
     """``value`` as a kvzip ``window_share``: a number in [0, 1) (not a bool, not NaN);
     ValueError otherwise."""
-    try:
-        share = _real("window_share", value)
-    except ValueError:
-        share = float("nan")
+    share = _real("window_share", value)
     if not 0.0 <= share < 1.0:  # NaN fails too
         raise ValueError(f"window_share: must be a number in [0, 1), got {value!r}")
     return share

@@ -304,12 +304,20 @@ class AdaKVCache(KVCache):
         per_layer: list[Any] = [None] * shape.n_layer
         kvzip = cfg.score_reduce == "max"
         chosen = scores  # what the allocators read (kvzip with a window share: the union)
-        if window_scores is not None and not kvzip:
-            raise ValueError(f"window_scores: for the kvzip policies only, not {cfg.policy}")
+        flat_size = group * sum(int(x.sum()) for x in lens)  # an observation of these rows
+        if window_scores is not None:
+            if not kvzip:
+                raise ValueError(f"window_scores: for the kvzip policies only, not {cfg.policy}")
+            if n_obs is None or getattr(window_scores, "size", None) != flat_size:
+                raise ValueError("window_scores: an observation of the current rows "
+                                 "(observe_flat) with its n_obs is required")
+            _check_finite(window_scores)
         if kvzip:  # context-reconstruction scores (maxima: the scorer does not average)
-            # the window's own observation first: a reconstruction overwrites its queries
-            win = (None if cfg.window_share <= 0 else self._window_sums(cfg)
-                   if window_scores is None else self._given_window(window_scores, n_obs))
+            win = None
+            if cfg.window_share > 0:
+                # the window's own observation first: a reconstruction overwrites its queries
+                win = (self._window_sums(cfg) if window_scores is None
+                       else (window_scores, int(n_obs)))
             if scores is None:
                 scores = self.kvzip_scores(cfg, reconstruct=reconstruct)
             chosen = scores if win is None else window_union(cfg, scores, *win, lens, group)
@@ -317,8 +325,7 @@ class AdaKVCache(KVCache):
         elif cfg.uses_scores and scores is None and rc.window_available() < 1:
             raise AdaKVError("no window queries are stored since the last reconstruction: "
                              f"decode a token before compressing with {cfg.policy}")
-        if cfg.uses_scores and scores is not None and (
-                n_obs is None or scores.size != group * sum(int(x.sum()) for x in lens)):
+        if cfg.uses_scores and scores is not None and (n_obs is None or scores.size != flat_size):
             raise ValueError("scores: an observation of the current rows (observe_flat) "
                              "with its n_obs is required")
         if scores is None or n_obs is None:
@@ -420,16 +427,6 @@ class AdaKVCache(KVCache):
         obs = rc.observe_flat(n_obs)
         _check_finite(obs)
         return obs, n_obs
-
-    def _given_window(self, obs: Any, n_obs: int | None) -> tuple[Any, int]:
-        """``window_scores`` checked: an observation of the current rows, with its n_obs."""
-        size = (self.shape.n_head // self.shape.n_head_kv) * sum(
-            int(x.sum()) for x in self.rc.all_lengths())
-        if n_obs is None or getattr(obs, "size", None) != size:
-            raise ValueError("window_scores: an observation of the current rows "
-                             "(observe_flat) with its n_obs is required")
-        _check_finite(obs)
-        return obs, int(n_obs)
 
     def config_for(self, policy: str | None, budget: int | None,
                    options: dict[str, Any]) -> Any:
