@@ -40,7 +40,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="ada-snapkv",
                    help="eviction policy with --kv-budget (ada-snapkv, snapkv, pyramid, "
                         "ada-pyramid, streaming, full; reconstruction-scored, for documents "
-                        "asked about in later turns: ada-kvzip-global, ada-kvzip, kvzip)")
+                        "asked about in later turns: ada-kvzip-global, ada-kvzip, kvzip; the "
+                        "same with predicted scores, no second pass: ada-kvzap-global, "
+                        "ada-kvzap, kvzap)")
     p.add_argument("--window", type=int, default=32, help="observation window (32)")
     p.add_argument("--floor-alpha", type=float, default=0.2, help="Ada-KV safeguard (0.2)")
     p.add_argument("--window-share", type=float, default=None,
@@ -196,6 +198,20 @@ def cmd_models(ns: argparse.Namespace) -> int:
         return 0
     path = fetch(ns.name or DEFAULT_MODEL)
     print(path)
+    return 0
+
+
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    """Fit (or show) the kvzap policies' score predictor of a model."""
+    import json
+
+    from .llm import LocalLLM
+
+    with LocalLLM(ns.model, kv_budget=256, policy="ada-kvzap-global", n_ctx=512,
+                  n_threads=ns.threads) as llm:
+        meta = llm.calibrate_kvzap(force=ns.force)
+    meta.pop("r2", None)  # per head: in the weights file
+    print(json.dumps(meta, indent=1))
     return 0
 
 
@@ -403,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("calibrate", help="fit the kvzap policies' score predictor of a model "
+                       "now (otherwise done at their first use; a few minutes, once per model)")
+    p.add_argument("--model", "-m", default=None,
+                   help=f"GGUF path or registry name (default: {DEFAULT_MODEL})")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    p.add_argument("--force", action="store_true", help="fit again even if cached")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("models", help="list or fetch registry models")
     p.add_argument("action", choices=["list", "fetch"])

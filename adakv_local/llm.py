@@ -61,7 +61,9 @@ class LocalLLM(Closing):
             ``pyramid``, ``ada-pyramid``, ``streaming`` or ``full`` (never evict); or,
             scored by context reconstruction (question-agnostic: a pasted document keeps
             what a later question needs, for 2-2.5x the prefill's time again), ``ada-kvzip``,
-            ``kvzip`` (uniform) or ``ada-kvzip-global`` (budget moved across layers too).
+            ``kvzip`` (uniform) or ``ada-kvzip-global`` (budget moved across layers too);
+            ``kvzap``, ``ada-kvzap``, ``ada-kvzap-global``: the same over predicted scores
+            (no second pass; a predictor calibrated once per model, :meth:`calibrate_kvzap`).
             See docs/NOTES.md "Context-reconstruction scoring".
         window: observation window (rows always kept; queries that score the rest).
         floor_alpha: Ada-KV safeguard: each head keeps at least ``alpha`` of its share.
@@ -179,11 +181,9 @@ class LocalLLM(Closing):
             eos_text=R.token_text(self._vocab, self._eos) if self._eos >= 0 else "",
             bos_text=R.token_text(self._vocab, self._bos) if self._bos >= 0 else "",
             model_name=self.model_path.name)
-        if isinstance(self._cache, AdaKVCache):  # the kvzip policies' reconstruction prompt
-            from .cache.reconstruct import chat_prompt
-
-            self._cache.recon_prompt = chat_prompt(
-                self.format_chat, lambda t: self.tokenize(t, add_bos=False))
+        if isinstance(self._cache, AdaKVCache):  # kvzip's prompt, kvzap's calibration text
+            self._cache.use_text(self.format_chat, lambda t: self.tokenize(t, add_bos=False),
+                                 self.model_path)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -295,12 +295,10 @@ class LocalLLM(Closing):
         """KV-cache memory now, and what vanilla llama.cpp would hold for the same tokens.
 
         Keys: ``tokens_seen`` (tokens whose KV the cache represents), ``rows_kept`` (per
-        head, on average), ``bytes_allocated`` (KV bytes allocated), ``bytes_used`` (bytes of
-        live rows), ``vanilla_bytes`` (what vanilla llama.cpp allocates for this n_ctx),
-        ``vanilla_bytes_for_tokens`` (the least a full cache needs for ``tokens_seen``), plus
-        timing counters; with a budget also the policy, rows per head, compressions and
-        their timers.
-        """
+        head, on average), ``bytes_allocated``, ``bytes_used`` (live rows), ``vanilla_bytes``
+        (vanilla llama.cpp's for this n_ctx), ``vanilla_bytes_for_tokens`` (the least a full
+        cache needs for ``tokens_seen``), timers; with a budget also the policy, rows per
+        head and compressions."""
         return self._open().report(mode="vanilla" if self.kv_budget is None else "ada-kv",
                                    n_ctx=self.n_ctx, extra=self._window.describe())
 
@@ -340,11 +338,8 @@ class LocalLLM(Closing):
 
     def greedy_ids(self, tokens: Sequence[int], n: int, *, ignore_eos: bool = True,
                    step_seconds: list[float] | None = None) -> list[int]:
-        """Prefill ``tokens`` then decode ``n`` greedy tokens (for benchmarks and evals).
-
-        ``step_seconds``, when given, receives the wall time of every decode step
-        (compressions triggered by that step included).
-        """
+        """Prefill ``tokens`` then decode ``n`` greedy tokens (benchmarks, evals);
+        ``step_seconds`` receives each decode step's wall time (its compressions included)."""
         return greedy(self.prefill_tokens(tokens), self.decode_token, self.is_eog, n,
                       ignore_eos=ignore_eos, step_seconds=step_seconds)
 
@@ -404,12 +399,17 @@ class LocalLLM(Closing):
         cfg = cache.config_for(policy, kv_budget, options)
         return cache.compress(cfg, scores, n_obs, window_scores=window_scores)
 
-    def kvzip_scores(self, **options: Any) -> Any:
+    def kvzip_scores(self, policy: str | None = None, **options: Any) -> Any:
         """The kvzip policies' scores of the rows held now (the most attention from the last
-        ``window`` queries and from a reconstruction of the text since the rows were last
-        scored), without compressing: evals pass them to ``compress(scores=...)``."""
+        ``window`` queries and from a reconstruction of the new text; predicted for a kvzap
+        ``policy``), without compressing: evals pass them to ``compress(scores=...)``."""
         cache = self._ada("kvzip_scores()")
-        return cache.kvzip_scores(cache.config_for(None, None, options), reconstruct=True)
+        return cache.kvzip_scores(cache.config_for(policy, None, options), reconstruct=True)
+
+    def calibrate_kvzap(self, *, force: bool = False) -> dict[str, Any]:
+        """Load (or fit, ``force``: fit again) the kvzap policies' score predictor now rather
+        than at their first compression; returns how it was calibrated (cache/predict.py)."""
+        return dict(self._ada("calibrate_kvzap()").kvzap_predictor(force=force).meta)
 
     # ------------------------------------------------------------------ sessions
     def save_session(self, path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ before / after scoring.
 
     .venv/bin/python benchmarks/bench_kvzip_scoring.py [--lengths 2048,8192]
         [--chunks auto,256,512,1024] [--methods auto,observe] [--budget 256] [--threads 2]
-        [--prefill full|chunked] [--json benchmarks/results/kvzip_scoring.json]
+        [--prefill full|chunked] [--policies ada-kvzip,ada-kvzap-global]
+        [--json benchmarks/results/kvzip_scoring.json]
         [--model PATH]
 
 ``--model`` times another GGUF (default: the embedded model). Timings do not depend on the
@@ -44,14 +45,19 @@ def _rss() -> int:
 
 
 def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill: str,
-            prefill_chunk: int, method: str = "auto", model: str | None = None) -> dict:
-    """One configuration; ``chunk`` None is LocalLLM's default (n_batch minus the prompt)."""
+            prefill_chunk: int, method: str = "auto", model: str | None = None,
+            policy: str = "ada-kvzip") -> dict:
+    """One configuration; ``chunk`` None is LocalLLM's default (n_batch minus the prompt).
+    A kvzap ``policy`` predicts the scores (its calibration is loaded or fitted before the
+    clock starts)."""
     from adakv_local import LocalLLM
     from adakv_local.bench.eval_tasks import make_sample
 
     n_ctx = n_tokens + (chunk or 512) + 512
-    llm = LocalLLM(model, kv_budget=budget, policy="ada-kvzip", n_ctx=n_ctx, n_threads=threads,
+    llm = LocalLLM(model, kv_budget=budget, policy=policy, n_ctx=n_ctx, n_threads=threads,
                    recon_chunk=chunk, prefill=prefill, chunk=prefill_chunk, seed=0)
+    if "kvzap" in policy:
+        llm.calibrate_kvzap()
     s = make_sample("niah-single", n_tokens, 0,
                     count_tokens=lambda x: len(llm.tokenize(x.user_text())))
     toks = llm.tokenize(llm.format_chat([{"role": "user", "content": s.context}]),
@@ -75,12 +81,13 @@ def run_one(n_tokens: int, chunk: int | None, budget: int, threads: int, prefill
     rc = llm.ragged
     rec = st["reconstruction"]
     slot = sum(rc.n_head(il) * rc.n_embd_head(il) * 4 for il in range(rc.n_layer))
-    scoring = rec["feed_s"] + rec["observe_s"] + rec["accumulate_s"] + rec["ring_s"]
+    scoring = (rec["feed_s"] + rec["observe_s"] + rec["accumulate_s"] + rec["ring_s"]
+               + rec["predict_s"])
     out = {
         "model": llm.model_path.name, "model_bytes": llm.model_path.stat().st_size,
         "prompt_tokens": len(toks), "recon_chunk": cache.recon_chunk,
         "recon_chunk_option": chunk if chunk is not None else "auto", "budget": budget,
-        "method": rec["method"],
+        "method": rec["method"], "policy": policy, "predict_s": rec["predict_s"],
         "prefill_mode": prefill, "threads": threads,
         "prefill_s": st["prefill_seconds"], "scoring_s": scoring,
         "ratio": scoring / st["prefill_seconds"],
@@ -112,6 +119,8 @@ def main() -> int:
                     help="how the maxima are computed, comma-separated: auto (inside the "
                          "attention on CPU F16 pools), attention, observe (flash attention "
                          "+ observe_max)")
+    ap.add_argument("--policies", default="ada-kvzip",
+                    help="comma-separated; ada-kvzap-global predicts the scores instead")
     ap.add_argument("--budget", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", default="full", choices=["full", "chunked"])
@@ -122,17 +131,18 @@ def main() -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
     ns = ap.parse_args()
     if ns.one:
-        n_s, c_s, m = ns.one.split(":")
+        n_s, c_s, m, pol = ns.one.split(":")
         c = None if c_s == "auto" else int(c_s)
         print(json.dumps(run_one(int(n_s), c, ns.budget, ns.threads, ns.prefill,
-                                 ns.prefill_chunk, m, ns.model)))
+                                 ns.prefill_chunk, m, ns.model, pol)))
         return 0
     from adakv_local.bench.machine import machine_info
 
     runs = []
     for n in (int(x) for x in ns.lengths.split(",")):
-        for c, m in ((c, m) for c in ns.chunks.split(",") for m in ns.methods.split(",")):
-            cmd = [sys.executable, __file__, "--one", f"{n}:{c.strip()}:{m.strip()}",
+        for c, m, pol in ((c, m, pol) for pol in ns.policies.split(",")
+                          for c in ns.chunks.split(",") for m in ns.methods.split(",")):
+            cmd = [sys.executable, __file__, "--one", f"{n}:{c.strip()}:{m.strip()}:{pol}",
                    "--budget", str(ns.budget),
                    "--threads", str(ns.threads), "--prefill", ns.prefill,
                    "--prefill-chunk", str(ns.prefill_chunk)]
@@ -141,7 +151,7 @@ def main() -> int:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs.append(r)
-            print(f"{r['prompt_tokens']:>6} tokens, chunk {r['recon_chunk']:>4}, "
+            print(f"{r['prompt_tokens']:>6} tokens, {pol}, chunk {r['recon_chunk']:>4}, "
                   f"{r['method']:>9}: "
                   f"prefill {r['prefill_s']:.1f} s, "
                   f"scoring {r['scoring_s']:.1f} s ({r['ratio']:.2f}x: forward "

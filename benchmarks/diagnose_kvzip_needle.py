@@ -102,9 +102,8 @@ def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
     v0, v1 = _span(pieces, cv, cv + len(value))
     refs = ev.references(p)
     ag, aw = refs[MODE], refs["question-aware"]
-    rec = ev.evaluate(p, ag, MODE, policy, budget)  # sets ag.kvzip
-    kz = ag.kvzip
-    assert kz is not None
+    rec = ev.evaluate(p, ag, MODE, policy, budget)  # sets ag.kvzip["recon"]
+    kz = ag.kvzip["recon"]
     llm.restore(ag.snap)
     pos = _positions(ev)
     sels = llm.compress(policy, budget, scores=kz)
@@ -134,9 +133,9 @@ def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
     for il, flat in enumerate(split_layers(forced, ag.lens, g)):
         for h, blk in enumerate(split_heads(flat, ag.lens[il], g)):
             blk[:, np.isin(pos[il][h], np.arange(n0, n1))] = 2.0
-    ag.kvzip = forced
+    ag.kvzip["recon"] = forced
     oracle = ev.evaluate(p, ag, MODE, policy, budget)
-    ag.kvzip = kz
+    ag.kvzip["recon"] = kz
     probed: dict[str, Any] = {}
     if probe is not None:  # the window share from the probe's attention, not the document end
         saved = ag.scores, ag.n_obs
@@ -147,11 +146,11 @@ def diagnose(ev: Evaluator, index: int, length: int, budget: int, policy: str,
             ag.scores, ag.n_obs = saved
         probed = {"probe_answer": r["answer"], "probe_score": r["score"], "probe_kl": r["kl"]}
     if vnorm is not None:  # the reconstruction scores weighted by the rows' value norms
-        ag.kvzip = _value_weighted(ev, ag, kz, vnorm)
+        ag.kvzip["recon"] = _value_weighted(ev, ag, kz, vnorm)
         try:
             r = ev.evaluate(p, ag, MODE, policy, budget)
         finally:
-            ag.kvzip = kz
+            ag.kvzip["recon"] = kz
         probed.update({"vnorm": vnorm, "vnorm_answer": r["answer"], "vnorm_score": r["score"],
                        "vnorm_kl": r["kl"]})
     return {"sample": index, "length": length, "prompt_tokens": len(p.ctx) + len(p.question),

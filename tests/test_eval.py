@@ -241,7 +241,7 @@ def ci_report(default_model: Path) -> dict:
     spec = EvalSpec(model=str(default_model), tasks=("niah-single", "niah-multikey"),
                     lengths=(1024,), budgets=(64, 128),
                     policies=("full", "streaming", "snapkv", "ada-snapkv", "ada-kvzip",
-                              "ada-kvzip-global"),
+                              "ada-kvzip-global", "ada-kvzap-global"),
                     modes=("question-aware", "question-agnostic"), samples=3, threads=2)
     return run_eval(spec)
 
@@ -266,16 +266,17 @@ def test_ci_question_agnostic_gate(ci_report: dict) -> None:
             if r["mode"] == "question-agnostic" and r["budget"] == 128]
     got = {p: (sum(r["score"] for r in recs if r["policy"] == p),
                float(np.mean([r["kl"] for r in recs if r["policy"] == p])))
-           for p in ("ada-kvzip", "ada-kvzip-global", "ada-snapkv")}
+           for p in ("ada-kvzip", "ada-kvzip-global", "ada-kvzap-global", "ada-snapkv")}
     n_prompts = sum(r["policy"] == "ada-snapkv" for r in recs)
     print(f"\nquestion-agnostic, 128 rows, {n_prompts} prompts: needles answered / "
           f"mean KL: {got}")
-    for p in ("ada-kvzip", "ada-kvzip-global"):
+    for p in ("ada-kvzip", "ada-kvzip-global", "ada-kvzap-global"):
         assert got[p][0] >= got["ada-snapkv"][0], p
         assert got[p][1] < 0.75 * got["ada-snapkv"][1], p
     assert got["ada-kvzip-global"][0] > got["ada-snapkv"][0]
+    assert got["ada-kvzap-global"][0] > got["ada-snapkv"][0]
     for r in recs:
-        if r["policy"] in ("ada-kvzip", "ada-kvzip-global"):
+        if r["policy"] in ("ada-kvzip", "ada-kvzip-global", "ada-kvzap-global"):
             assert r["scoring_seconds"] > 0 and r["prefill_seconds"] > 0
 
 

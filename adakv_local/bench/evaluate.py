@@ -63,10 +63,13 @@ from .eval_tasks import TASKS, EvalSample, make_sample
 from .machine import machine_info
 
 POLICIES: tuple[str, ...] = ("full", "streaming", "snapkv", "ada-snapkv", "pyramid",
-                             "ada-pyramid", "kvzip", "ada-kvzip", "ada-kvzip-global")
-KVZIP: tuple[str, ...] = ("kvzip", "ada-kvzip", "ada-kvzip-global")
-"""The policies scored by context reconstruction: one reconstruction per prompt and mode
-(:meth:`LocalLLM.kvzip_scores`) serves every budget and allocator."""
+                             "ada-pyramid", "kvzip", "ada-kvzip", "ada-kvzip-global",
+                             "kvzap", "ada-kvzap", "ada-kvzap-global")
+KVZAP: tuple[str, ...] = ("kvzap", "ada-kvzap", "ada-kvzap-global")
+"""The policies scored by predicted reconstruction scores (cache/predict.py)."""
+KVZIP: tuple[str, ...] = ("kvzip", "ada-kvzip", "ada-kvzip-global", *KVZAP)
+"""The policies scored by context reconstruction, exact or predicted: one scoring per prompt,
+mode and scorer (:meth:`LocalLLM.kvzip_scores`) serves every budget and allocator."""
 MODES: tuple[str, ...] = ("question-aware", "question-agnostic")
 
 
@@ -164,9 +167,10 @@ class _Reference:
     answer: str
     score: float
     prefill_seconds: float = 0.0  # prefilling the context
-    kvzip: np.ndarray | None = None  # kvzip scores of the snapshot's rows (lazily)
+    # kvzip scores of the snapshot's rows (lazily), by scorer: "recon" (exact) or "pred"
+    kvzip: dict[str, np.ndarray] = field(default_factory=dict)
     shared: dict[str, Any] = field(default_factory=dict)  # per prompt, both modes: the
-    # context's reconstruction ("recon", "recon_lens", "recon_seconds")
+    # context's scores by scorer ("recon", "recon_lens", "recon_seconds"; "pred", ...)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -341,14 +345,16 @@ class Evaluator(Closing):
         if policy in KVZIP:
             if self.spec.window_share is not None:
                 options.setdefault("window_share", self.spec.window_share)
-            if ref.kvzip is None:
-                ref.kvzip = self._kvzip_scores(
-                    p, ref, mode, {k: v for k, v in options.items() if k != "window_share"})
-            extra = {"scoring_seconds": ref.shared["recon_seconds"],
+            scorer = "pred" if policy in KVZAP else "recon"
+            if scorer not in ref.kvzip:
+                ref.kvzip[scorer] = self._kvzip_scores(
+                    p, ref, mode, {k: v for k, v in options.items() if k != "window_share"},
+                    scorer)
+            extra = {"scoring_seconds": ref.shared[f"{scorer}_seconds"],
                      "prefill_seconds": ref.prefill_seconds}
             llm.restore(ref.snap)
             # the window share reads the snapshot's window: observed once, with the reference
-            sels = llm.compress(policy, budget, scores=ref.kvzip, n_obs=ref.n_obs,
+            sels = llm.compress(policy, budget, scores=ref.kvzip[scorer], n_obs=ref.n_obs,
                                 window_scores=ref.scores, **options)
         else:
             llm.restore(ref.snap)
@@ -386,34 +392,36 @@ class Evaluator(Closing):
 
 
     def _kvzip_scores(self, p: _Prompt, ref: _Reference, mode: str,
-                      options: dict[str, Any]) -> np.ndarray:
+                      options: dict[str, Any], scorer: str = "recon") -> np.ndarray:
         """The kvzip scores of ``ref``'s snapshot (see the module doc): the context is
-        reconstructed once per prompt; question-aware reuses it, joined with the question
-        window's maxima (or reconstructs the whole prompt, ``kvzip_aware="reconstruct"``)."""
+        scored once per prompt and ``scorer`` (``"recon"``: reconstructed, ``"pred"``:
+        predicted, the kvzap policies); question-aware reuses it, joined with the question
+        window's maxima (or scores the whole prompt, ``kvzip_aware="reconstruct"``)."""
         llm = self.llm
         sh = ref.shared
+        policy = KVZAP[0] if scorer == "pred" else KVZIP[0]
         if mode == "question-aware" and self.spec.kvzip_aware == "reconstruct":
             llm.restore(ref.snap)
             t0 = time.perf_counter()
-            out = llm.kvzip_scores(**options)
-            sh["recon_seconds_aware"] = time.perf_counter() - t0
-            sh.setdefault("recon_seconds", sh["recon_seconds_aware"])
+            out = llm.kvzip_scores(policy, **options)
+            sh[f"{scorer}_seconds_aware"] = time.perf_counter() - t0
+            sh.setdefault(f"{scorer}_seconds", sh[f"{scorer}_seconds_aware"])
             return out
-        if "recon" not in sh:  # the context, from its own state (the agnostic snapshot)
+        if scorer not in sh:  # the context, from its own state (the agnostic snapshot)
             llm.restore(ref.snap)
             if mode == "question-aware":  # no agnostic snapshot: back to the context
                 llm.rewind(len(p.ctx))
             t0 = time.perf_counter()
-            sh["recon"] = llm.kvzip_scores(**options)
-            sh["recon_seconds"] = time.perf_counter() - t0
-            sh["recon_lens"] = [x.copy() for x in llm.ragged.all_lengths()]
+            sh[scorer] = llm.kvzip_scores(policy, **options)
+            sh[f"{scorer}_seconds"] = time.perf_counter() - t0
+            sh[f"{scorer}_lens"] = [x.copy() for x in llm.ragged.all_lengths()]
         if mode == "question-agnostic":
-            return sh["recon"]
+            return sh[scorer]
         # question-aware: the context's scores on its rows, max the question window's
         llm.restore(ref.snap)
         rc = llm.ragged
         window = rc.observe_flat(rc.n_obs(self.spec.window), reduce="max")
-        return widen_max(sh["recon"], sh["recon_lens"], window, ref.lens, self.group)
+        return widen_max(sh[scorer], sh[f"{scorer}_lens"], window, ref.lens, self.group)
 
 
 def widen_max(held: np.ndarray, held_lens: Sequence[np.ndarray], obs: np.ndarray,

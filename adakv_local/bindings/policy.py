@@ -53,6 +53,7 @@ __all__ = [
     "POLICIES",
     "POOLINGS",
     "POOL_ALIGNS",
+    "KVZAP_POLICIES",
     "KVZIP_POLICIES",
     "KeptMass",
     "PolicyConfig",
@@ -80,13 +81,23 @@ POLICIES: dict[str, int] = {
     "kvzip": lib.ADAKV_POLICY_KVZIP,
     "ada-kvzip": lib.ADAKV_POLICY_ADA_KVZIP,
     "ada-kvzip-global": lib.ADAKV_POLICY_ADA_KVZIP_GLOBAL,
+    # the same allocators over predicted reconstruction scores (cache/predict.py)
+    "kvzap": lib.ADAKV_POLICY_KVZIP,
+    "ada-kvzap": lib.ADAKV_POLICY_ADA_KVZIP,
+    "ada-kvzap-global": lib.ADAKV_POLICY_ADA_KVZIP_GLOBAL,
 }
 """Policy names and their C codes."""
 
-KVZIP_POLICIES: tuple[str, ...] = ("kvzip", "ada-kvzip", "ada-kvzip-global")
-"""Policies with the context-reconstruction scorer (KVzip-style): their scores are MAXIMA
-over scoring queries (``observe_flat(..., reduce="max")`` of a reconstruction, combined with
-:func:`accumulate_max`), not window sums; see :class:`PolicyConfig`."""
+KVZAP_POLICIES: tuple[str, ...] = ("kvzap", "ada-kvzap", "ada-kvzap-global")
+"""The kvzip allocators over *predicted* reconstruction scores (KVzap-style,
+``cache/predict.py``): no reconstruction pass, a per-head linear predictor over each row's
+K and V instead."""
+
+KVZIP_POLICIES: tuple[str, ...] = ("kvzip", "ada-kvzip", "ada-kvzip-global", *KVZAP_POLICIES)
+"""Policies with the context-reconstruction scorer (KVzip-style, exact or predicted): their
+scores are MAXIMA over scoring queries (``observe_flat(..., reduce="max")`` of a
+reconstruction, combined with :func:`accumulate_max`), not window sums; see
+:class:`PolicyConfig`."""
 
 POOLINGS: dict[str, int] = {"max": lib.ADAKV_POOL_MAX, "avg": lib.ADAKV_POOL_AVG}
 """Pooling names (along rows, odd kernel, stride 1, same padding)."""
@@ -101,7 +112,7 @@ GQA_MODES: dict[str, int] = {"mean": lib.ADAKV_GQA_MEAN, "max": lib.ADAKV_GQA_MA
 
 _SCORED = frozenset({"snapkv", "ada-snapkv", "pyramid", "ada-pyramid", *KVZIP_POLICIES})
 _PYRAMID = frozenset({"pyramid", "ada-pyramid"})
-_GLOBAL = frozenset({"ada-kvzip-global"})
+_GLOBAL = frozenset({"ada-kvzip-global", "ada-kvzap-global"})
 _INT32_MAX = 2**31 - 1
 
 ScoresLike = np.ndarray | Sequence[np.ndarray]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,10 @@ class AdaKVCache(KVCache):
         self.recon_method = "auto"
         self.row_scores = RowScores()  # scores of the rows kept by kvzip compressions
         self._scored_tokens: tuple[int, ...] = ()  # the history when rows were last scored
+        # the kvzap policies' score predictor (.predict): loaded or calibrated on first use
+        # by this callable (set by LocalLLM; force=True refits)
+        self.kvzap_source: Callable[..., Any] | None = None
+        self._kvzap: Any = None
 
     @classmethod
     def create(cls, model: Any, cparams: Any, shape: ModelShape, budget: int,
@@ -386,6 +391,8 @@ class AdaKVCache(KVCache):
         from the queries that scored them then."""
         import numpy as np
 
+        from ..bindings.policy import KVZAP_POLICIES
+
         rc, shape = self.rc, self.shape
         cfg = cfg if cfg is not None else self.config
         group = shape.n_head // shape.n_head_kv
@@ -397,7 +404,14 @@ class AdaKVCache(KVCache):
         new = self.tokens[common_prefix(self._scored_tokens, self.tokens):]
         if reconstruct is None:
             reconstruct = len(new) > cfg.window
-        if reconstruct and new:
+        if reconstruct and new and cfg.policy in KVZAP_POLICIES:  # predicted, not reconstructed
+            t0 = time.perf_counter()
+            pred = self.kvzap_predictor().predict(rc, group)
+            acc = pred if acc is None else np.maximum(acc, pred, out=acc)
+            self.recon_stats.predict_s += time.perf_counter() - t0
+            self.recon_stats.calls += 1
+            self.recon_stats.method = "predict"
+        elif reconstruct and new:
             if self.recon_prompt is None:
                 raise AdaKVError("no reconstruction prompt: the kvzip policies need one "
                                  "(LocalLLM sets it from the chat template)")
@@ -415,6 +429,46 @@ class AdaKVCache(KVCache):
         self.row_scores.merge_into(rc, acc, lens, group, self.tokens)
         _check_finite(acc)
         return acc
+
+    def use_text(self, format_chat: Callable[[Any], str], tokenize: Callable[[str], list[int]],
+                 model_path: Any) -> None:
+        """Set the kvzip policies' reconstruction prompt (in the chat template of
+        ``format_chat``; ``tokenize`` without BOS) and the kvzap policies' calibration
+        (documents wrapped as user turns, weights cached by ``model_path``)."""
+        from . import predict
+        from .reconstruct import chat_prompt
+
+        self.recon_prompt = chat_prompt(format_chat, tokenize)
+
+        def source(force: bool = False) -> Any:
+            return predict.load_or_calibrate(self, model_path, tokenize, format_chat,
+                                             force=force)
+
+        self.kvzap_source = source
+
+    def spawn(self, n_ctx: int) -> AdaKVCache:
+        """A new cache that never evicts, on the same model with the same batch, threads,
+        K/V types and reconstruction prompt, sized for ``n_ctx`` tokens (kvzap's
+        calibration runs in one, leaving this cache's state alone). Close it after use."""
+        cp = R.context_params(n_ctx, self.n_batch, int(R.C.llama_n_threads(self.ctx)),
+                              self.type_k, self.type_v)
+        cache = AdaKVCache.create(self.rc.model_ptr, cp, self.shape, n_ctx - 1,
+                                  AdaKVOptions(policy="full"), n_batch=self.n_batch,
+                                  n_vocab=self.n_vocab, type_k=self.type_k,
+                                  type_v=self.type_v)
+        cache.recon_prompt = self.recon_prompt
+        return cache
+
+    def kvzap_predictor(self, *, force: bool = False) -> Any:
+        """The kvzap policies' :class:`~.predict.ScorePredictor`: loaded from the cache
+        directory or calibrated (once per model, a few minutes) on first use; ``force``
+        calibrates again."""
+        if self._kvzap is None or force:
+            if self.kvzap_source is None or self.recon_prompt is None:
+                raise AdaKVError("no kvzap calibration source: the kvzap policies need a "
+                                 "LocalLLM (it sets one from the model and its chat template)")
+            self._kvzap = self.kvzap_source(force=force)
+        return self._kvzap
 
     def _window_sums(self, cfg: Any) -> tuple[Any, int] | None:
         """The window's ``observe_flat`` (sums over its queries, as Ada-SnapKV scores) and

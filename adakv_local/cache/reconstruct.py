@@ -132,12 +132,13 @@ class ReconstructionStats:
     """What reconstruction scoring did and cost, summed over calls."""
 
     calls: int = 0
-    method: str = ""  # the last call's: "attention" or "observe"
+    method: str = ""  # the last call's: "attention", "observe" or "predict"
     chunks: int = 0
     tokens: int = 0  # reconstruction tokens decoded (prompts included)
     feed_s: float = 0.0  # decoding the reconstruction chunks (forward passes; "attention":
     #                      the scoring included)
     observe_s: float = 0.0  # observe_max graphs ("observe")
+    predict_s: float = 0.0  # predicted scores instead ("predict": the kvzap policies)
     accumulate_s: float = 0.0  # running max + removal of the chunk rows
     ring_s: float = 0.0  # resizing the query rings
     peak_extra_rows: int = 0  # most rows any head held beyond its rows before scoring
