@@ -5,11 +5,12 @@ hidden states, so that question-agnostic scoring costs no second pass over the t
 features are what the ragged cache already holds, per row of each KV head: its V row, the
 RoPE-invariant norms of its K row's rotation pairs, and its position (log). A ridge
 regression per (layer, KV head) is fitted to log(exact kvzip score) on calibration documents
-(prompts of the eval's generator at indices the eval never uses), then tested on the eval's
-prompts: rank correlation with the exact scores, overlap of the rows kept, and the answer of
-``ada-kvzip-global`` with the predicted scores vs the exact ones, question-agnostic.
+(the product's calibration, cache/predict.py: the Python language reference), then tested on
+the eval's prompts: rank correlation with the exact scores, overlap of the rows kept, and the
+answer of ``ada-kvzip-global`` with the exact scores vs ``ada-kvzap-global`` with the
+predicted ones, question-agnostic.
 
-    .venv/bin/python benchmarks/probe_kvzap.py [--calib 8] [--length 2048] [--samples 8]
+    .venv/bin/python benchmarks/probe_kvzap.py [--length 2048] [--samples 8] [--force]
 """
 
 from __future__ import annotations
@@ -24,24 +25,11 @@ from typing import Any
 import numpy as np
 
 from adakv_local.bench.evaluate import EvalSpec, Evaluator
-from adakv_local.bindings.ragged import split_heads, split_layers
+from adakv_local.cache import predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODE = "question-agnostic"
-EPS = 1e-7
-
-
-def head_targets(scores: np.ndarray, lens: list[np.ndarray], group: int) -> list[list[np.ndarray]]:
-    """log of the max over each KV head's query heads, per layer and head."""
-    out = []
-    for il, flat in enumerate(split_layers(scores, lens, group)):
-        out.append([np.log(blk.max(axis=0) + EPS) for blk in split_heads(flat, lens[il], group)])
-    return out
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+KVZAP_OF = {"kvzip": "kvzap", "ada-kvzip": "ada-kvzap", "ada-kvzip-global": "ada-kvzap-global"}
 
 
 def kept_set(ev: Evaluator, ref: Any, scores: np.ndarray, policy: str, budget: int) -> set:
@@ -50,8 +38,7 @@ def kept_set(ev: Evaluator, ref: Any, scores: np.ndarray, policy: str, budget: i
     rc = llm.ragged
     sels = llm.compress(policy, budget, scores=scores, n_obs=ref.n_obs,
                         window_scores=ref.scores)
-    out = {(il, h, int(p)) for il in range(rc.n_layer) for h in range(rc.n_head_kv(il))
-           for p in rc.positions(il, h)}
+    out = predict.kept_positions(rc)
     del sels
     llm.restore(ref.snap)
     return out
@@ -64,14 +51,14 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--task", default="niah-single")
     ap.add_argument("--budget", type=int, default=256)
-    ap.add_argument("--policy", default="ada-kvzip-global")
+    ap.add_argument("--policy", default="ada-kvzip-global", choices=sorted(KVZAP_OF))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ns = ap.parse_args()
     out = Path(ns.json or RESULTS / f"kvzap_probe_{ns.length}.json")
     spec = EvalSpec(tasks=(ns.task,), lengths=(ns.length,), budgets=(ns.budget,),
-                    policies=(ns.policy,), modes=(MODE,), samples=ns.samples, seed=0,
-                    threads=ns.threads)
+                    policies=(ns.policy, KVZAP_OF[ns.policy]), modes=(MODE,),
+                    samples=ns.samples, seed=0, threads=ns.threads)
     with Evaluator(spec) as ev:
         llm, g = ev.llm, ev.group
         rc = llm.ragged
@@ -88,28 +75,18 @@ def main() -> int:
             ag = ev.references(p)[MODE]
             exact = ev.evaluate(p, ag, MODE, ns.policy, ns.budget)
             kz = ag.kvzip["recon"]
-            llm.restore(ag.snap)
-            t = time.perf_counter()
-            flat = predictor.predict(rc, g)
-            pred_s = time.perf_counter() - t
-            pred = [[blk.max(axis=0) for blk in split_heads(x, ag.lens[il], g)]
-                    for il, x in enumerate(split_layers(flat, ag.lens, g))]
-            win = rc.observe_flat(ag.n_obs, reduce="max")
-            pz = np.maximum(win, flat)
-            tg = head_targets(kz, ag.lens, g)
-            rho = [spearman(pred[il][h], tg[il][h])
-                   for il in range(rc.n_layer) for h in range(rc.n_head_kv(il))]
+            r = ev.evaluate(p, ag, MODE, KVZAP_OF[ns.policy], ns.budget)  # the product's path
+            pz = ag.kvzip["pred"]
             a, b = kept_set(ev, ag, kz, ns.policy, ns.budget), kept_set(ev, ag, pz, ns.policy,
                                                                         ns.budget)
-            ag.kvzip["recon"] = pz
-            try:
-                r = ev.evaluate(p, ag, MODE, ns.policy, ns.budget)
-            finally:
-                ag.kvzip["recon"] = kz
+            llm.restore(ag.snap)
+            t = time.perf_counter()
+            predictor.predict(rc, g)
+            pred_s = time.perf_counter() - t
             rec = {"sample": i, "tokens": len(p.ctx), "full_score": ag.score,
                    "exact_score": exact["score"], "exact_kl": exact["kl"],
                    "pred_score": r["score"], "pred_kl": r["kl"],
-                   "spearman_median": float(np.median(rho)),
+                   "spearman_median": predict.rank_correlation(kz, pz, ag.lens, g),
                    "kept_jaccard": len(a & b) / max(1, len(a | b)),
                    "prefill_s": ag.prefill_seconds, "scoring_s": exact.get("scoring_seconds"),
                    "predict_s": pred_s}

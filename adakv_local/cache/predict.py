@@ -230,52 +230,65 @@ class _Normal:
         return w, 1.0 - sse / sst if sst > 0 else 0.0
 
 
-def calibrate(cache: Any, docs: Sequence[Sequence[int]], *, ridge: float = RIDGE,
-              progress: Callable[[int, int], None] | None = None) -> ScorePredictor:
-    """Fit a :class:`ScorePredictor` on ``docs`` with ``cache`` (an
-    :class:`~adakv_local.cache.adakv.AdaKVCache`, emptied first and left empty): each
-    document is decoded without compression and reconstructed exactly; ``progress(i, n)``
-    after each."""
+def accumulate(cache: Any, doc: Sequence[int], normal: list[list[_Normal]]) -> None:
+    """Add one document to the per-(layer, head) normal equations ``normal`` (filled on
+    first use): ``cache`` (an :class:`~adakv_local.cache.adakv.AdaKVCache` that never
+    evicts) is emptied, decodes ``doc``, reconstructs it exactly, and is emptied again."""
     from ..bindings.ragged import split_heads, split_layers
     from .reconstruct import ReconstructionStats, reconstruction_scores
 
-    if not docs or any(len(d) < 2 for d in docs):
+    if len(doc) < 2:
         raise ValueError("calibration needs documents of at least 2 tokens")
     rc = cache.rc
     group = cache.shape.n_head // cache.shape.n_head_kv
     neox = _rope_neox(rc.model_ptr)
-    t0 = time.perf_counter()
-    normal: list[list[_Normal]] = []
-    tokens = 0
     try:
-        for i, doc in enumerate(docs):
-            cache.clear()
-            cache.feed_tokens(list(doc))
-            lens = rc.all_lengths()
-            scores = reconstruction_scores(cache, doc, cache.recon_prompt, cache.recon_chunk,
-                                           stats=ReconstructionStats())
-            for il, flat in enumerate(split_layers(scores, lens, group)):
-                if len(normal) <= il:
-                    normal.append([])
-                for h, blk in enumerate(split_heads(flat, lens[il], group)):
-                    x = _head_rows(rc, il, h, neox)
-                    if len(normal[il]) <= h:
-                        normal[il].append(_Normal(x.shape[1]))
-                    normal[il][h].add(x, np.log(blk.max(axis=0).astype(np.float64) + EPS))
-            tokens += len(doc)
-            if progress is not None:
-                progress(i + 1, len(docs))
+        cache.clear()
+        cache.feed_tokens(list(doc))
+        lens = rc.all_lengths()
+        scores = reconstruction_scores(cache, doc, cache.recon_prompt, cache.recon_chunk,
+                                       stats=ReconstructionStats())
+        for il, flat in enumerate(split_layers(scores, lens, group)):
+            if len(normal) <= il:
+                normal.append([])
+            for h, blk in enumerate(split_heads(flat, lens[il], group)):
+                x = _head_rows(rc, il, h, neox)
+                if len(normal[il]) <= h:
+                    normal[il].append(_Normal(x.shape[1]))
+                normal[il][h].add(x, np.log(blk.max(axis=0).astype(np.float64) + EPS))
     finally:
         cache.clear()
+
+
+def fit(normal: list[list[_Normal]], neox: bool, *, ridge: float = RIDGE) -> ScorePredictor:
+    """Solve the normal equations of :func:`accumulate` into a predictor."""
     weights, r2 = [], []
     for layer in normal:
         fits = [nh.solve(ridge) for nh in layer]
         weights.append(np.stack([w for w, _ in fits]))
         r2.append([round(r, 4) for _, r in fits])
-    meta = {"docs": len(docs), "tokens": tokens, "ridge": ridge,
-            "seconds": round(time.perf_counter() - t0, 2), "r2": r2,
-            "r2_median": float(np.median([r for x in r2 for r in x]))}
+    meta = {"ridge": ridge, "r2": r2, "r2_median": float(np.median([r for x in r2 for r in x]))}
     return ScorePredictor(weights, neox, meta)
+
+
+def calibrate(cache: Any, docs: Sequence[Sequence[int]], *, ridge: float = RIDGE,
+              progress: Callable[[int, int], None] | None = None) -> ScorePredictor:
+    """Fit a :class:`ScorePredictor` on ``docs`` with ``cache`` (an
+    :class:`~adakv_local.cache.adakv.AdaKVCache` that never evicts, left empty): each
+    document is decoded and reconstructed exactly (:func:`accumulate`); ``progress(i, n)``
+    after each."""
+    if not docs:
+        raise ValueError("calibration needs documents of at least 2 tokens")
+    t0 = time.perf_counter()
+    normal: list[list[_Normal]] = []
+    for i, doc in enumerate(docs):
+        accumulate(cache, doc, normal)
+        if progress is not None:
+            progress(i + 1, len(docs))
+    pred = fit(normal, _rope_neox(cache.rc.model_ptr), ridge=ridge)
+    pred.meta.update({"docs": len(docs), "tokens": sum(len(d) for d in docs),
+                      "seconds": round(time.perf_counter() - t0, 2)})
+    return pred
 
 
 def weights_path(model_path: str | os.PathLike[str]) -> Path:
@@ -317,3 +330,29 @@ def load_or_calibrate(cache: Any, model_path: str | os.PathLike[str],
     except OSError as e:  # a read-only cache directory: use it in this process only
         print(f"kvzap: could not cache the weights in {path} ({e})", file=sys.stderr)
     return pred
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray, lens: Sequence[np.ndarray],
+                     group: int) -> float:
+    """Median over the KV heads of the Spearman correlation between two scorings ``a`` and
+    ``b`` (``observe_flat`` layout of ``lens``; each reduced by its max over the group), the
+    measure the tests and benchmarks compare predicted and exact scores by."""
+    from ..bindings.ragged import split_heads, split_layers
+
+    out = []
+    for il, (x, y) in enumerate(zip(split_layers(a, lens, group), split_layers(b, lens, group),
+                                    strict=True)):
+        for p, q in zip(split_heads(x, lens[il], group), split_heads(y, lens[il], group),
+                        strict=True):
+            if p.shape[1] > 1:
+                rp = np.argsort(np.argsort(p.max(axis=0), kind="stable"), kind="stable")
+                rq = np.argsort(np.argsort(q.max(axis=0), kind="stable"), kind="stable")
+                out.append(float(np.corrcoef(rp, rq)[0, 1]))
+    return float(np.median(out)) if out else float("nan")
+
+
+def kept_positions(rc: Any) -> set[tuple[int, int, int]]:
+    """``(layer, KV head, position)`` of every row ``rc`` holds (to compare what two
+    selections keep)."""
+    return {(il, h, int(p)) for il in range(rc.n_layer) for h in range(rc.n_head_kv(il))
+            for p in rc.positions(il, h)}
