@@ -15,6 +15,7 @@ and :mod:`adakv_local.bindings` (llama.cpp, the patch's ragged API, native/'s po
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -182,8 +183,8 @@ class LocalLLM(Closing):
             bos_text=R.token_text(self._vocab, self._bos) if self._bos >= 0 else "",
             model_name=self.model_path.name)
         if isinstance(self._cache, AdaKVCache):  # kvzip's prompt, kvzap's calibration text
-            self._cache.use_text(self.format_chat, lambda t: self.tokenize(t, add_bos=False),
-                                 self.model_path)
+            self._cache.use_text(self._template.format, functools.partial(  # no ref to self
+                R.tokenize, self._vocab, add_special=False, parse_special=True), self.model_path)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -407,8 +408,7 @@ class LocalLLM(Closing):
         return cache.kvzip_scores(cache.config_for(policy, None, options), reconstruct=True)
 
     def calibrate_kvzap(self, *, force: bool = False) -> dict[str, Any]:
-        """Load (or fit, ``force``: fit again) the kvzap policies' score predictor now rather
-        than at their first compression; returns how it was calibrated (cache/predict.py)."""
+        """Load or fit (``force``: refit) the kvzap score predictor now; its calibration."""
         return dict(self._ada("calibrate_kvzap()").kvzap_predictor(force=force).meta)
 
     # ------------------------------------------------------------------ sessions

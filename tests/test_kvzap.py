@@ -184,7 +184,7 @@ def test_kvzap_bad_input(default_model: Path) -> None:
         bad = predict.ScorePredictor([np.zeros((1, 99))], False)
         with pytest.raises(AdaKVError, match="another model shape"):
             bad.predict(llm.ragged, 3)
-        cache.kvzap_source = None
+        cache.kvzap_text = None
         cache._kvzap = None
         with pytest.raises(AdaKVError, match="calibration source"):
             cache.kvzap_predictor()

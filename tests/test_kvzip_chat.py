@@ -3,8 +3,8 @@
 The user pastes a document; the cache is compressed to 256 rows per head right after that
 turn, before any question exists; the assistant's reply and the question come in the next
 turn (the multi-turn cache path: the common prefix is reused, the edited reply rewound). The
-reconstruction-scored ``ada-kvzip-global`` must answer what vanilla llama.cpp (full cache)
-answers there.
+reconstruction-scored ``ada-kvzip-global``, and ``ada-kvzap-global`` with predicted scores,
+must answer what vanilla llama.cpp (full cache) answers there.
 
 How the prompts were chosen: seeded RULER niah-single documents at ~1K tokens (seeds from
 2000 on; ``tests`` never saw them before the choice), kept when vanilla's greedy answer in

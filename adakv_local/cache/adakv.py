@@ -165,9 +165,10 @@ class AdaKVCache(KVCache):
         self.recon_method = "auto"
         self.row_scores = RowScores()  # scores of the rows kept by kvzip compressions
         self._scored_tokens: tuple[int, ...] = ()  # the history when rows were last scored
-        # the kvzap policies' score predictor (.predict): loaded or calibrated on first use
-        # by this callable (set by LocalLLM; force=True refits)
-        self.kvzap_source: Callable[..., Any] | None = None
+        # the kvzap policies' score predictor (.predict), loaded or calibrated on first use
+        # from (format_chat, tokenize, model path), set by use_text
+        self.kvzap_text: tuple[Callable[[Any], str], Callable[[str], list[int]], Any] | None \
+            = None
         self._kvzap: Any = None
 
     @classmethod
@@ -435,16 +436,12 @@ class AdaKVCache(KVCache):
         """Set the kvzip policies' reconstruction prompt (in the chat template of
         ``format_chat``; ``tokenize`` without BOS) and the kvzap policies' calibration
         (documents wrapped as user turns, weights cached by ``model_path``)."""
-        from . import predict
         from .reconstruct import chat_prompt
 
         self.recon_prompt = chat_prompt(format_chat, tokenize)
-
-        def source(force: bool = False) -> Any:
-            return predict.load_or_calibrate(self, model_path, tokenize, format_chat,
-                                             force=force)
-
-        self.kvzap_source = source
+        # no closure over self or the LocalLLM: a reference cycle would leave the context to
+        # the cyclic garbage collector instead of freeing it when its owner goes
+        self.kvzap_text = (format_chat, tokenize, model_path)
 
     def spawn(self, n_ctx: int) -> AdaKVCache:
         """A new cache that never evicts, on the same model with the same batch, threads,
@@ -463,11 +460,14 @@ class AdaKVCache(KVCache):
         """The kvzap policies' :class:`~.predict.ScorePredictor`: loaded from the cache
         directory or calibrated (once per model, a few minutes) on first use; ``force``
         calibrates again."""
+        from . import predict
+
         if self._kvzap is None or force:
-            if self.kvzap_source is None or self.recon_prompt is None:
+            if self.kvzap_text is None or self.recon_prompt is None:
                 raise AdaKVError("no kvzap calibration source: the kvzap policies need a "
                                  "LocalLLM (it sets one from the model and its chat template)")
-            self._kvzap = self.kvzap_source(force=force)
+            fmt, tok, path = self.kvzap_text
+            self._kvzap = predict.load_or_calibrate(self, path, tok, fmt, force=force)
         return self._kvzap
 
     def _window_sums(self, cfg: Any) -> tuple[Any, int] | None:
