@@ -57,11 +57,6 @@ EPS = 1e-7
 """Added to the exact scores before their log (a row no query attends to)."""
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("ADAKV_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "adakv-local"
-
-
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """A key for a model file: sha256 of its size and its first and last 8 MiB (hashing a
     multi-GB file whole at every load would cost seconds)."""
@@ -154,7 +149,7 @@ class ScorePredictor:
                 len(ln) != w.shape[0] for ln, w in zip(lens, self.weights, strict=True)):
             raise AdaKVError("the kvzap weights were calibrated on another model shape; "
                              "delete them (adakv-local calibrate --force) to refit")
-        out = np.empty(group * sum(int(x.sum()) for x in lens), dtype=np.float32)
+        out = np.empty(rc.observe_size(), dtype=np.float32)
         for il, flat in enumerate(split_layers(out, lens, group)):
             for h, blk in enumerate(split_heads(flat, lens[il], group)):
                 if blk.shape[1]:
@@ -189,36 +184,33 @@ class ScorePredictor:
 
 
 class _Normal:
-    """Running normal equations of one head's ridge regression."""
+    """Running normal equations of one head's ridge regression. The last feature is the
+    constant 1 (:func:`row_features`), so ``X'X``'s last column holds the feature sums and
+    the row count, its diagonal the sums of squares, and ``X'y``'s last entry the sum of y:
+    only ``y'y`` needs keeping besides."""
 
     def __init__(self, n_feat: int) -> None:
         self.xtx = np.zeros((n_feat, n_feat))
         self.xty = np.zeros(n_feat)
-        self.s1 = np.zeros(n_feat)
-        self.s2 = np.zeros(n_feat)
-        self.n = 0
-        self.y1 = self.y2 = 0.0
+        self.y2 = 0.0
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         self.xtx += x.T @ x
         self.xty += x.T @ y
-        self.s1 += x.sum(0)
-        self.s2 += (x * x).sum(0)
-        self.n += len(y)
-        self.y1 += float(y.sum())
         self.y2 += float((y * y).sum())
 
     def solve(self, ridge: float) -> tuple[np.ndarray, float]:
         """Weights on the raw features (ridge on standardised ones, the bias unpenalised)
         and the fit's R²."""
-        n = max(1, self.n)
-        mu = self.s1 / n
-        sd = np.sqrt(np.maximum(self.s2 / n - mu * mu, 0.0)) + 1e-6
+        s1, y1 = self.xtx[:, -1].copy(), float(self.xty[-1])
+        n = max(1.0, float(s1[-1]))
+        mu = s1 / n
+        sd = np.sqrt(np.maximum(np.diag(self.xtx) / n - mu * mu, 0.0)) + 1e-6
         mu[-1], sd[-1] = 0.0, 1.0  # the constant feature is the bias
         # the normal equations of z = (x - mu) / sd from those of x
-        xtx_c = self.xtx - np.outer(mu, self.s1) - np.outer(self.s1, mu) + n * np.outer(mu, mu)
+        xtx_c = self.xtx - np.outer(mu, s1) - np.outer(s1, mu) + n * np.outer(mu, mu)
         a = xtx_c / np.outer(sd, sd)
-        b = (self.xty - mu * self.y1) / sd
+        b = (self.xty - mu * y1) / sd
         pen = np.full(len(mu), ridge)
         pen[-1] = 0.0
         wz = np.linalg.solve(a + np.diag(pen), b)
@@ -226,7 +218,7 @@ class _Normal:
         w[-1] -= float((mu * w).sum())
         # R² from the sufficient statistics: SSE = y'y - 2 w'X'y + w'X'Xw
         sse = self.y2 - 2.0 * float(w @ self.xty) + float(w @ self.xtx @ w)
-        sst = self.y2 - self.y1 * self.y1 / n
+        sst = self.y2 - y1 * y1 / n
         return w, 1.0 - sse / sst if sst > 0 else 0.0
 
 
@@ -293,7 +285,9 @@ def calibrate(cache: Any, docs: Sequence[Sequence[int]], *, ridge: float = RIDGE
 
 def weights_path(model_path: str | os.PathLike[str]) -> Path:
     """Where the calibrated weights of ``model_path`` are cached."""
-    return (_cache_root() / "kvzap"
+    from ..build.runtime import cache_dir
+
+    return (cache_dir() / "kvzap"
             / f"{fingerprint(model_path)}-f{FEATURES_VERSION}-d{CALIB_DOCS}-t{CALIB_TOKENS}.npz")
 
 
