@@ -1,0 +1,183 @@
+"""Transforms of the kvzip scores before allocation, question-agnostic: pooling along rows.
+
+For each prompt: one prefill, the eval's question-agnostic snapshot, the kvzip scores
+(predicted or exact) once; then for every variant the scores are transformed (max-pooled
+along each head's rows with an odd kernel, centred or causal), the snapshot is restored,
+compressed from the transformed scores, and scored as the eval scores it (accuracy, top-1,
+KL vs the full cache). An exploration on a few prompts, not the eval: a variant that wins
+here is a candidate for a full `adakv-local eval` run, not a new default.
+
+    .venv/bin/python benchmarks/sweep_kvzip_scores.py --task niah-single --length 4096
+        [--samples 8] [--policy ada-kvzap-global] [--budgets 256] [--variants none,c3,c5,k5]
+
+Variants, parts joined by ``+`` (``c5+s0``): ``none`` (the scores as they are), ``cN``
+(centred max pool, kernel N), ``kN`` (causal max pool: each row and the N-1 before it),
+``fN`` (the first N rows of every head forced, as the window share forces its rows),
+``sX`` (window share X), ``wN`` (window N), ``aX`` (floor alpha X), ``p`` (the window
+share read from a probe instead of the document's end: the user turn's first paragraph, its
+text up to the first blank line, re-read after the document; the turn's own framing of what
+follows, as a stand-in for a question not asked yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from adakv_local.bench.evaluate import EvalSpec, Evaluator
+from adakv_local.bindings.ragged import split_heads, split_layers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diagnose_kvzip_needle import _probe_window  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODE = "question-agnostic"
+
+
+def pool_rows(a: np.ndarray, kernel: int, align: str) -> np.ndarray:
+    """Max over a window of ``kernel`` rows along the last axis (edges: what exists)."""
+    if kernel <= 1:
+        return a
+    n = a.shape[-1]
+    if align == "c":
+        lo, hi = kernel // 2, kernel // 2
+    else:
+        lo, hi = kernel - 1, 0
+    out = a.copy()
+    for s in range(-lo, hi + 1):
+        if s == 0:
+            continue
+        if s > 0:  # row r sees row r + s
+            np.maximum(out[..., :n - s], a[..., s:], out=out[..., :n - s])
+        else:
+            np.maximum(out[..., -s:], a[..., :n + s], out=out[..., -s:])
+    return out
+
+
+def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float]]:
+    """``variant`` as score transforms and compress options: parts joined by ``+``."""
+    transforms, opts = [], {}
+    for part in variant.split("+"):
+        if part == "none":
+            continue
+        kind, num = part[0], part[1:]
+        if kind in "ck":
+            transforms.append((kind, int(num)))
+        elif kind == "f":
+            transforms.append(("f", int(num)))
+        elif part == "p":
+            opts["probe"] = 1.0
+        elif kind == "s":
+            opts["window_share"] = float(num)
+        elif kind == "w":
+            opts["window"] = int(num)
+        elif kind == "a":
+            opts["floor_alpha"] = float(num)
+        else:
+            raise SystemExit(f"unknown variant part {part!r}")
+    return transforms, opts
+
+
+def transform(scores: np.ndarray, lens: list[np.ndarray], group: int,
+              transforms: list[tuple[str, int]]) -> np.ndarray:
+    """``scores`` (observe_flat layout) after ``transforms``."""
+    if not transforms:
+        return scores
+    out = np.array(scores, dtype=np.float32, copy=True)
+    for il, layer in enumerate(split_layers(out, lens, group)):
+        for blk in split_heads(layer, lens[il], group):
+            for kind, num in transforms:
+                if kind == "f":  # the first rows forced, as the window share forces rows
+                    blk[:, :num] = 2.0
+                else:
+                    blk[...] = pool_rows(blk, num, kind)
+    return out
+
+
+def opening_paragraph(ev: Evaluator, ctx: list[int]) -> list[int]:
+    """The tokens of the user turn's first paragraph in ``ctx`` (the chat prefix, then the
+    turn's text): from the turn's start to its first blank line."""
+    llm = ev.llm
+    head = llm.format_chat([{"role": "user", "content": "\x00"}]).split("\x00")[0]
+    n0 = len(llm.tokenize(head, add_bos=False))
+    pieces = [llm.detokenize([t]) for t in ctx[n0:n0 + 512]]
+    text = "".join(pieces)
+    cut = text.find("\n\n")
+    if cut < 0:
+        raise SystemExit("no blank line in the turn's first 512 tokens")
+    ends = np.cumsum([len(x) for x in pieces])
+    return list(ctx[n0:n0 + int(np.searchsorted(ends, cut, side="right"))])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="niah-single")
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budgets", default="256")
+    ap.add_argument("--policy", default="ada-kvzap-global")
+    ap.add_argument("--variants", default="none,c3,c5,c7")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ns = ap.parse_args()
+    budgets = tuple(int(b) for b in ns.budgets.split(","))
+    variants = ns.variants.split(",")
+    out = Path(ns.json or RESULTS / f"kvzip_scores_sweep_{ns.task}_{ns.length}.json")
+    spec = EvalSpec(tasks=(ns.task,), lengths=(ns.length,), budgets=budgets,
+                    policies=(ns.policy,), modes=(MODE,), samples=ns.samples,
+                    threads=ns.threads, seed=ns.seed)
+    scorer = "pred" if "kvzap" in ns.policy else "recon"
+    records = []
+    with Evaluator(spec) as ev:
+        for i in range(ns.start, ns.start + ns.samples):
+            p = ev.prompt(ns.task, ns.length, i)
+            ref = ev.references(p)[MODE]
+            try:
+                ev.evaluate(p, ref, MODE, ns.policy, budgets[0])  # computes ref.kvzip
+                raw = ref.kvzip[scorer]
+                for v in variants:
+                    transforms, opts = parse(v)
+                    ref.kvzip[scorer] = transform(raw, ref.lens, ev.group, transforms)
+                    saved = ref.scores, ref.n_obs
+                    if opts.pop("probe", None):  # the window share reads the probe
+                        ref.scores, ref.n_obs = _probe_window(ev, ref, opening_paragraph(ev, p.ctx))
+                    try:
+                        rs = [ev.evaluate(p, ref, MODE, ns.policy, b, **opts) for b in budgets]
+                    finally:
+                        ref.scores, ref.n_obs = saved
+                    for b, r in zip(budgets, rs, strict=True):
+                        records.append({"i": i, "variant": v, "budget": b,
+                                        "score": r["score"], "full": ref.score,
+                                        "top1": r["top1"], "kl": r["kl"],
+                                        "answer": r["answer"]})
+                    ref.kvzip[scorer] = raw
+            finally:
+                ref.snap.close()
+            line = " ".join(f"{r['variant']}:{r['score']:.0f}" for r in records if r["i"] == i)
+            print(f"{ns.task} {ns.length} #{i} full {ref.score:.0f} | {line}",
+                  file=sys.stderr, flush=True)
+            out.write_text(json.dumps(
+                {"task": ns.task, "length": ns.length, "seed": ns.seed, "policy": ns.policy,
+                 "mode": MODE, "records": records}, indent=1) + "\n")
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        cells[(r["variant"], r["budget"])].append(r)
+    print(f"{ns.task} {ns.length}, {MODE}, {ns.policy}, {len(records) // max(1, len(cells))} "
+          f"prompts (seed {ns.seed}); full cache "
+          f"{100 * np.mean([r['full'] for r in records]):.1f} %")
+    for (v, b), rs in sorted(cells.items()):
+        m = {k: float(np.mean([r[k] for r in rs])) for k in ("score", "top1", "kl")}
+        print(f"{v:6} {b:4}  acc {100 * m['score']:5.1f} %  top-1 {100 * m['top1']:5.1f} %  "
+              f"KL {m['kl']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
