@@ -16,7 +16,9 @@ Variants, parts joined by ``+`` (``c5+s0``): ``none`` (the scores as they are), 
 ``sX`` (window share X), ``wN`` (window N), ``aX`` (floor alpha X), ``p`` (the window
 share read from a probe instead of the document's end: the user turn's first paragraph, its
 text up to the first blank line, re-read after the document; the turn's own framing of what
-follows, as a stand-in for a question not asked yet).
+follows, as a stand-in for a question not asked yet), ``q`` (the window share read from a
+question the model writes itself: a new user turn "Ask one question about the text above."
+and up to 24 greedy tokens of the model's reply, observed, then removed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +75,8 @@ def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float]]:
             transforms.append(("f", int(num)))
         elif part == "p":
             opts["probe"] = 1.0
+        elif part == "q":
+            opts["probe"] = 2.0
         elif kind == "s":
             opts["window_share"] = float(num)
         elif kind == "w":
@@ -114,6 +119,29 @@ def opening_paragraph(ev: Evaluator, ctx: list[int]) -> list[int]:
     return list(ctx[n0:n0 + int(np.searchsorted(ends, cut, side="right"))])
 
 
+SELF_QUESTION = "Ask one question about the text above."
+"""The request for variant ``q``'s self-written question."""
+
+
+def self_question(ev: Evaluator, ref: Any, n_new: int = 24) -> list[int]:
+    """The tokens of a user turn asking for a question about the snapshot's text, and the
+    model's greedy reply (at most ``n_new`` tokens, to its end of turn); restores the
+    snapshot after."""
+    llm = ev.llm
+    rp = llm._ada("self question").recon_prompt
+    seq = [*rp.opener, *llm.tokenize(SELF_QUESTION, add_bos=False), *rp.closer]
+    llm.restore(ref.snap)
+    logits = llm.append_tokens(seq)
+    for _ in range(n_new):
+        tok = int(logits.argmax())
+        if llm.is_eog(tok):
+            break
+        seq.append(tok)
+        logits = llm.append_tokens([tok])
+    llm.restore(ref.snap)
+    return seq
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="niah-single")
@@ -146,8 +174,14 @@ def main() -> int:
                     transforms, opts = parse(v)
                     ref.kvzip[scorer] = transform(raw, ref.lens, ev.group, transforms)
                     saved = ref.scores, ref.n_obs
-                    if opts.pop("probe", None):  # the window share reads the probe
-                        ref.scores, ref.n_obs = _probe_window(ev, ref, opening_paragraph(ev, p.ctx))
+                    probe = opts.pop("probe", None)
+                    if probe:  # the window share reads the probe
+                        toks = (opening_paragraph(ev, p.ctx) if probe == 1.0
+                                else self_question(ev, ref))
+                        if probe == 2.0:
+                            print(f"  self question: {ev.llm.detokenize(toks)!r}",
+                                  file=sys.stderr, flush=True)
+                        ref.scores, ref.n_obs = _probe_window(ev, ref, toks)
                     try:
                         rs = [ev.evaluate(p, ref, MODE, ns.policy, b, **opts) for b in budgets]
                     finally:
