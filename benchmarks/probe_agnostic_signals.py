@@ -33,6 +33,7 @@ import numpy as np
 from adakv_local.bench.evaluate import EvalSpec, Evaluator
 from adakv_local.bindings.policy import accumulate_max
 from adakv_local.bindings.ragged import split_heads, split_layers
+from adakv_local.cache.reconstruct import reconstruction_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diagnose_kvzip_needle import _span  # noqa: E402
@@ -60,6 +61,11 @@ def blended(ev: Evaluator, ref: Any, scores: np.ndarray, feats: list[list[np.nda
     return out
 
 
+def median_rank(x: np.ndarray, v0: int, v1: int) -> int:
+    """The median over rows ``v0..v1-1`` of how many rows score above them in ``x``."""
+    return int(np.median([(x > x[j]).sum() for j in range(v0, v1)]))
+
+
 def run_distinct(ev: Evaluator, i: int, length: int, budget: int) -> dict[str, Any]:
     llm, g = ev.llm, ev.group
     p = ev.prompt(TASK, length, i)
@@ -84,14 +90,10 @@ def run_distinct(ev: Evaluator, i: int, length: int, budget: int) -> dict[str, A
             for h in range(rc.n_head_kv(il)):
                 n = int(ag.lens[il][h])
                 mass = float(aws[h][:, v0:v1].sum() / max(1e-12, aws[h][:, :n].sum()))
-
-                def rank(x: np.ndarray) -> int:
-                    return int(np.median([(x > x[j]).sum() for j in range(v0, v1)]))
-
                 heads.append({"layer": il, "head": h, "value_mass": mass,
-                              "rank_kvzap": rank(kzs[h].max(axis=0)),
-                              "rank_vdistinct": rank(feats["v"][il][h]),
-                              "rank_kdistinct": rank(feats["k"][il][h])})
+                              "rank_kvzap": median_rank(kzs[h].max(axis=0), v0, v1),
+                              "rank_vdistinct": median_rank(feats["v"][il][h], v0, v1),
+                              "rank_kdistinct": median_rank(feats["k"][il][h], v0, v1)})
         heads.sort(key=lambda x: -x["value_mass"])
         rec: dict[str, Any] = {"i": i, "full": ag.score, "kvzap": base["score"],
                                "kvzap_kl": base["kl"], "value_tokens": [v0, v1],
@@ -110,42 +112,25 @@ def run_distinct(ev: Evaluator, i: int, length: int, budget: int) -> dict[str, A
         aw.snap.close()
 
 
-def _narrow(flat: np.ndarray, lens: list[np.ndarray], lens0: list[np.ndarray], g: int
-            ) -> np.ndarray:
-    """An observation of ``lens`` narrowed to each head's first ``lens0`` rows."""
-    return np.concatenate([blk[:, :int(m)].ravel()
-                           for il, layer in enumerate(split_layers(flat, lens, g))
-                           for blk, m in zip(split_heads(layer, lens[il], g), lens0[il],
-                                             strict=True)])
-
-
 def reconstruction_sums(ev: Evaluator, text: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Maxima and sums of the reconstruction queries' attention over the rows held (the
-    controller's chunks and prompts, observed after each chunk), and the query count."""
+    """Maxima and sums of the reconstruction queries' attention over the rows held: the
+    controller's reconstruction (its chunks and prompts, ``method="observe"``), with each
+    chunk's sums observed too before the chunk is removed; and the query count."""
     cache = ev.llm._ada("reconstruction sums")
     rc, g = cache.rc, ev.group
-    prompt, chunk = cache.recon_prompt, cache.recon_chunk
-    lens0, p0 = rc.all_lengths(), len(cache.tokens)
-    parts = [text[i:i + chunk] for i in range(0, len(text), chunk)]
-    w0 = rc.n_window
-    rc.set_n_window(prompt.longest + max(len(x) for x in parts))
-    mx: np.ndarray | None = None
-    sm: np.ndarray | None = None
-    nq = 0
-    try:
-        for i in range(len(parts)):
-            seq = prompt.for_chunk(i, parts[i - 1] if i else ()) + parts[i]
-            cache.feed_tokens(seq)
-            lens = rc.all_lengths()
-            mx = accumulate_max(mx, rc.observe_flat(len(seq), reduce="max"), lens0, lens, g)
-            s = _narrow(rc.observe_flat(len(seq)), lens, lens0, g)
-            sm = s if sm is None else sm + s
-            nq += len(seq)
-            cache.rewind(p0)
-    finally:
-        rc.set_n_window(w0)
-    assert mx is not None and sm is not None
-    return mx, sm, nq
+    lens0 = rc.all_lengths()
+    sums: list[np.ndarray] = []
+    queries: list[int] = []
+
+    def on_chunk(_: np.ndarray, lens: list[np.ndarray]) -> None:
+        n = int(lens[0][0] - lens0[0][0])  # every head holds the chunk's n rows
+        # accumulate_max with no accumulator: a copy of the held rows' part
+        sums.append(accumulate_max(None, rc.observe_flat(n), lens0, lens, g))
+        queries.append(n)
+
+    mx = reconstruction_scores(cache, text, cache.recon_prompt, cache.recon_chunk,
+                               on_chunk=on_chunk)
+    return mx, np.sum(sums, axis=0), sum(queries)
 
 
 def run_reconsum(ev: Evaluator, i: int, length: int, budget: int) -> dict[str, Any]:
