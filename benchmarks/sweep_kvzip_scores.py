@@ -13,6 +13,9 @@ here is a candidate for a full `adakv-local eval` run, not a new default.
 Variants, parts joined by ``+`` (``c5+s0``): ``none`` (the scores as they are), ``cN``
 (centred max pool, kernel N), ``kN`` (causal max pool: each row and the N-1 before it),
 ``fN`` (the first N rows of every head forced, as the window share forces its rows),
+``iN`` / ``jN`` (surprisal, Selective Context's self-information: the rows around the most
+surprising tokens of the document, by 3-token mean surprisal from a second prefill with
+every token's logits, +-8 / +-16 rows each, forced in every head until N rows are taken),
 ``sX`` (window share X), ``wN`` (window N), ``aX`` (floor alpha X), ``p`` (the window
 share read from a probe instead of the document's end: the user turn's first paragraph, its
 text up to the first blank line, re-read after the document; the turn's own framing of what
@@ -71,8 +74,8 @@ def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float]]:
         kind, num = part[0], part[1:]
         if kind in "ck":
             transforms.append((kind, int(num)))
-        elif kind == "f":
-            transforms.append(("f", int(num)))
+        elif kind in "fij":
+            transforms.append((kind, int(num)))
         elif part == "p":
             opts["probe"] = 1.0
         elif part == "q":
@@ -88,17 +91,40 @@ def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float]]:
     return transforms, opts
 
 
+def surprising_rows(nll: np.ndarray, n_rows: int, half: int) -> np.ndarray:
+    """Positions around the most surprising tokens: the token of highest 3-token mean
+    surprisal and ``half`` rows either side, then the next outside those, until
+    ``n_rows`` positions are taken."""
+    c = np.convolve(nll, np.ones(3) / 3, mode="same")
+    taken = np.zeros(len(nll), dtype=bool)
+    for t in np.argsort(-c):
+        if taken.sum() >= n_rows:
+            break
+        if taken[t]:
+            continue
+        taken[max(0, t - half):t + half + 1] = True
+    return np.flatnonzero(taken)[:n_rows]
+
+
 def transform(scores: np.ndarray, lens: list[np.ndarray], group: int,
-              transforms: list[tuple[str, int]]) -> np.ndarray:
+              transforms: list[tuple[str, int]], nll: np.ndarray | None = None) -> np.ndarray:
     """``scores`` (observe_flat layout) after ``transforms``."""
     if not transforms:
         return scores
     out = np.array(scores, dtype=np.float32, copy=True)
+    surprising = {}  # (kind, N): the rows around the most surprising tokens
+    for kind, num in transforms:
+        if kind in "ij":
+            if nll is None:
+                raise ValueError("surprisal variants need the prefill's surprisal")
+            surprising[(kind, num)] = surprising_rows(nll, num, 8 if kind == "i" else 16)
     for il, layer in enumerate(split_layers(out, lens, group)):
         for blk in split_heads(layer, lens[il], group):
             for kind, num in transforms:
                 if kind == "f":  # the first rows forced, as the window share forces rows
                     blk[:, :num] = 2.0
+                elif kind in "ij":  # forced in every head
+                    blk[:, surprising[(kind, num)]] = 2.0
                 else:
                     blk[...] = pool_rows(blk, num, kind)
     return out
@@ -142,6 +168,22 @@ def self_question(ev: Evaluator, ref: Any, n_new: int = 24) -> list[int]:
     return seq
 
 
+def prefill_surprisal(ev: Evaluator, ctx: list[int]) -> np.ndarray:
+    """Each token's surprisal in ``ctx`` (nats) under the model given the tokens before it
+    (0 for the first), from a prefill with every token's logits (the cache is reset and left
+    holding ``ctx``)."""
+    llm = ev.llm
+    llm.reset()
+    nll = np.zeros(len(ctx))
+    for s in range(0, len(ctx), 512):
+        lg = np.asarray(llm.append_tokens(ctx[s:s + 512], all_logits=True), dtype=np.float64)
+        m = lg.max(1)
+        lse = m + np.log(np.exp(lg - m[:, None]).sum(1))
+        nxt = np.asarray(ctx[s + 1:s + 1 + len(lg)])
+        nll[s + 1:s + 1 + len(nxt)] = lse[:len(nxt)] - lg[np.arange(len(nxt)), nxt]
+    return nll
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="niah-single")
@@ -170,9 +212,13 @@ def main() -> int:
             try:
                 ev.evaluate(p, ref, MODE, ns.policy, budgets[0])  # computes ref.kvzip
                 raw = ref.kvzip[scorer]
+                nll = None
+                if any(t[0] in "ij" for v in variants for t in parse(v)[0]):
+                    nll = prefill_surprisal(ev, p.ctx)
+                    ev.llm.restore(ref.snap)
                 for v in variants:
                     transforms, opts = parse(v)
-                    ref.kvzip[scorer] = transform(raw, ref.lens, ev.group, transforms)
+                    ref.kvzip[scorer] = transform(raw, ref.lens, ev.group, transforms, nll)
                     saved = ref.scores, ref.n_obs
                     probe = opts.pop("probe", None)
                     if probe:  # the window share reads the probe

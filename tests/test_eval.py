@@ -404,3 +404,43 @@ def test_cli_eval_bad_input_fails_before_loading(capsys: pytest.CaptureFixture[s
 
     assert main(["eval", "--tasks", "nope", "--model", "/nonexistent.gguf"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def _bench_module(name: str):  # noqa: ANN202 - a benchmark script loaded as a module
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(bench))
+
+
+def test_agnostic_misses_sorts_answers() -> None:
+    """benchmarks/agnostic_misses.py's classes, on which the README's "every niah-multikey
+    miss is another needle's value" rests: the first number of the answer decides."""
+    kind = _bench_module("agnostic_misses").kind
+    vals = ["7971877", "7021472", "4482733"]
+    assert kind(" **4482733**.", "7021472", vals) == "distractor"
+    assert kind(" 702147.", "7021472", vals) == "digits lost"
+    assert kind(" 11. It is a number", "7021472", vals) == "lost"
+    assert kind(" **Mirror**.", "7021472", vals) == "lost"
+    assert kind(" 7,021,472", "7021472", vals) == "right value"  # scored wrong elsewhere
+    assert kind(" 700.", "7021472", vals) == "lost"  # 3 digits: too short to be the value
+
+
+def test_surprising_rows_take_spans_around_the_peaks() -> None:
+    """benchmarks/sweep_kvzip_scores.py's surprisal variants: spans of +-half rows around
+    the most surprising 3-token means, at most n_rows of them, the highest peak first."""
+    rows = _bench_module("sweep_kvzip_scores").surprising_rows
+    nll = np.ones(100)
+    nll[39:42], nll[79:82] = (5.0, 9.0, 5.0), (3.0, 6.0, 3.0)  # 3-means peak at 40, 80
+    got = rows(nll, 10, 2)
+    assert list(got) == [38, 39, 40, 41, 42, 78, 79, 80, 81, 82]
+    assert list(rows(nll, 3, 2)) == [38, 39, 40]  # the budget cuts the first span
