@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from adakv_local.bench.evaluate import EvalSpec, Evaluator
+from adakv_local.bindings.policy import accumulate_max
 from adakv_local.bindings.ragged import split_heads, split_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,12 +64,10 @@ def _probe_window(ev: Evaluator, ref: Any, probe: list[int]) -> tuple[np.ndarray
     llm.append_tokens(probe)
     rc = llm.ragged
     n_obs = rc.n_obs(ev.spec.window)
-    obs, lens = rc.observe_flat(n_obs), rc.all_lengths()
-    out = [blk[:, :int(m)].ravel()
-           for il, flat in enumerate(split_layers(obs, lens, g))
-           for blk, m in zip(split_heads(flat, lens[il], g), ref.lens[il], strict=True)]
+    # accumulate_max with no accumulator: a copy of the held rows' part of the observation
+    out = accumulate_max(None, rc.observe_flat(n_obs), ref.lens, rc.all_lengths(), g)
     llm.restore(ref.snap)
-    return np.concatenate(out), n_obs
+    return out, n_obs
 
 
 def _value_weighted(ev: Evaluator, ref: Any, scores: np.ndarray, how: str) -> np.ndarray:
