@@ -74,12 +74,19 @@ def main() -> int:
     ns = ap.parse_args()
     records: list[dict[str, Any]] = []
     seeds = set()
+    models = set()
     for path in ns.reports:
         rep = json.loads(path.read_text())
+        models.add((rep["spec"].get("model"), rep["spec"].get("source", "auto")))
         for r in rep["records"]:
             r.setdefault("seed", rep["spec"]["seed"])
             seeds.add(r["seed"])
         records += rep["records"]
+    if len(models) > 1:
+        print(f"the reports ran different models or haystacks ({sorted(map(str, models))}); "
+              "read one setting's reports at a time", file=sys.stderr)
+        return 2
+    model, source = models.pop()  # the prompts are rebuilt as the runs built them
     means = task_means(records)
     for m in means:
         print(f"{m['task']:14} {m['mode']:18} {m['policy']:18} {m['budget']:4}  "
@@ -96,8 +103,9 @@ def main() -> int:
     out: list[dict[str, Any]] = []
     counts: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for seed in sorted(seeds):
-        spec = EvalSpec(tasks=("niah-single",), lengths=(1024,), budgets=(ns.budget,),
-                        policies=("full",), modes=(ns.mode,), samples=1, seed=seed)
+        spec = EvalSpec(model=model, tasks=("niah-single",), lengths=(1024,),
+                        budgets=(ns.budget,), policies=("full",), modes=(ns.mode,),
+                        samples=1, seed=seed, source=source)
         with Evaluator(spec) as ev:
             for (task, length, s, i), _f, r in misses:
                 if s != seed:
