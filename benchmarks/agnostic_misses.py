@@ -29,11 +29,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from adakv_local.bench.evaluate import EvalSpec, Evaluator, aggregate, summary
 
-from adakv_local.bench.evaluate import EvalSpec, Evaluator
-
-NEEDLE = re.compile(r"special magic numbers for (\w+) is: (\d+)\.")
+NEEDLE = re.compile(r"One of the special magic numbers for (\w+) is: (\d+)\.")
+"""A needle sentence of the niah tasks (their generator's wording): key, value."""
 
 
 def kind(answer: str, value: str, values: list[str]) -> str:
@@ -50,18 +49,12 @@ def kind(answer: str, value: str, values: list[str]) -> str:
 
 
 def task_means(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Accuracy and KL per (task, mode, policy, budget), averaged over the lengths."""
-    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        cells[(r["task"], r["mode"], r["policy"], r["budget"], r["length"])].append(r)
-    by_task: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
-    for (task, mode, policy, budget, _), rs in cells.items():
-        by_task[(task, mode, policy, budget)].append(
-            (float(np.mean([r["score"] for r in rs])), float(np.mean([r["kl"] for r in rs]))))
-    return [{"task": t, "mode": m, "policy": p, "budget": b,
-             "accuracy": 100 * float(np.mean([a for a, _ in v])),
-             "kl": float(np.mean([k for _, k in v])), "lengths": len(v)}
-            for (t, m, p, b), v in sorted(by_task.items())]
+    """The eval's own summary (cells averaged over lengths), one task at a time: accuracy
+    and KL per (task, mode, policy, budget)."""
+    cells = aggregate(records)
+    rows = [{"task": t, **row} for t in sorted({c["task"] for c in cells})
+            for row in summary({"cells": [c for c in cells if c["task"] == t]})]
+    return sorted(rows, key=lambda r: (r["task"], r["mode"], r["policy"], r["budget"]))
 
 
 def main() -> int:
@@ -90,7 +83,7 @@ def main() -> int:
     means = task_means(records)
     for m in means:
         print(f"{m['task']:14} {m['mode']:18} {m['policy']:18} {m['budget']:4}  "
-              f"acc {m['accuracy']:5.1f} %  KL {m['kl']:.3f}  ({m['lengths']} lengths)")
+              f"acc {100 * m['accuracy']:5.1f} %  KL {m['kl']:.3f}  ({m['cells']} lengths)")
 
     def key(r: dict[str, Any]) -> tuple:
         return (r["task"], r["length"], r["seed"], r["sample"])

@@ -24,10 +24,11 @@ import numpy as np
 from adakv_local.bench.evaluate import EvalSpec, Evaluator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from agnostic_misses import NEEDLE  # noqa: E402
+from diagnose_kvzip_needle import _span  # noqa: E402
 from sweep_kvzip_scores import prefill_surprisal  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OPENING = "One of the special magic numbers for "
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -35,11 +36,6 @@ def ranks(x: np.ndarray) -> np.ndarray:
     r = np.empty(len(x), dtype=int)
     r[np.argsort(-x, kind="stable")] = np.arange(len(x))
     return r
-
-
-def token_at(ends: np.ndarray, char: int) -> int:
-    """The index of the token holding character ``char`` (``ends``: each token's end)."""
-    return int(np.searchsorted(ends, char, side="right"))
 
 
 def main() -> int:
@@ -64,25 +60,16 @@ def main() -> int:
             tok_rank = ranks(nll)
             mean_rank = ranks(np.convolve(nll, np.ones(3) / 3, mode="same"))
             pieces = [llm.detokenize([t]) for t in p.ctx]
-            ends = np.cumsum([len(x) for x in pieces])
-            text = "".join(pieces)
-
             needles = []
-            at = text.find(OPENING)
-            while at >= 0:
-                key_at = at + len(OPENING)
-                key = text[key_at:text.index(" ", key_at)]
-                val_at = text.index(": ", key_at) + 2
-                val_end = text.index(".", val_at)
-                span = range(token_at(ends, at), token_at(ends, val_end) + 1)
-                digits = range(token_at(ends, val_at), token_at(ends, val_end - 1) + 1)
+            for m in NEEDLE.finditer("".join(pieces)):  # in document order
+                span = range(*_span(pieces, m.start(), m.end()))
                 needles.append({
-                    "key": key, "tokens": [span.start, span.stop],
+                    "key": m.group(1), "tokens": [span.start, span.stop],
                     "best_token_rank": int(min(tok_rank[t] for t in span)),
-                    "key_rank": int(tok_rank[token_at(ends, key_at)]),
-                    "digit_ranks": [int(tok_rank[t]) for t in digits],
+                    "key_rank": int(tok_rank[_span(pieces, *m.span(1))[0]]),
+                    "digit_ranks": [int(tok_rank[t])
+                                    for t in range(*_span(pieces, *m.span(2)))],
                     "best_mean3_rank": int(min(mean_rank[t] for t in span))})
-                at = text.find(OPENING, at + 1)
             rec = {"i": i, "tokens": len(p.ctx), "asked": p.sample.meta.get("key"),
                    "median_surprisal": float(np.median(nll[1:])), "needles": needles}
             records.append(rec)

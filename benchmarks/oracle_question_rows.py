@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from adakv_local.bench.evaluate import EvalSpec, Evaluator
+from adakv_local.bench.evaluate import EvalSpec, Evaluator, kvzip_scorer
 from adakv_local.bindings.policy import WINDOW_FORCED
 from adakv_local.bindings.ragged import split_heads, split_layers
 from adakv_local.defaults import KVZIP_WINDOW_SHARE
@@ -55,7 +55,7 @@ def forced_scores(ev: Evaluator, aw: Any, ag: Any, scorer: str, policy: str, bud
     for il, flat in enumerate(split_layers(out, ag.lens, g)):
         for h, blk in enumerate(split_heads(flat, ag.lens[il], g)):
             kept = pos[il][h][sels[il].keep[h]] if sels else pos[il][h]
-            blk[:, np.isin(np.arange(blk.shape[1]), kept)] = WINDOW_FORCED
+            blk[:, kept[kept < blk.shape[1]]] = WINDOW_FORCED  # not the question's rows
     return out
 
 
@@ -76,7 +76,7 @@ def main() -> int:
     spec = EvalSpec(tasks=(ns.task,), lengths=(ns.length,), budgets=(ns.budget,),
                     policies=(ns.policy,), modes=(AGN, AWR), samples=idx.stop,
                     threads=ns.threads, seed=ns.seed)
-    scorer = "pred" if "kvzap" in ns.policy else "recon"
+    scorer = kvzip_scorer(ns.policy)
     b, pol = ns.budget, ns.policy
     records: list[dict[str, Any]] = []
     with Evaluator(spec) as ev:

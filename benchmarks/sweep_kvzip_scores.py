@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from adakv_local.bench.evaluate import EvalSpec, Evaluator
+from adakv_local.bench.evaluate import EvalSpec, Evaluator, kvzip_scorer, log_softmax
+from adakv_local.bindings.policy import WINDOW_FORCED
 from adakv_local.bindings.ragged import split_heads, split_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,21 +66,20 @@ def pool_rows(a: np.ndarray, kernel: int, align: str) -> np.ndarray:
     return out
 
 
-def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float]]:
-    """``variant`` as score transforms and compress options: parts joined by ``+``."""
-    transforms, opts = [], {}
+def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float], str | None]:
+    """``variant`` (parts joined by ``+``) as score transforms, compress options and the
+    window share's probe (``"p"``, ``"q"`` or None: the document's end)."""
+    transforms: list[tuple[str, int]] = []
+    opts: dict[str, float] = {}
+    probe = None
     for part in variant.split("+"):
         if part == "none":
             continue
         kind, num = part[0], part[1:]
-        if kind in "ck":
+        if kind in "ckfij":
             transforms.append((kind, int(num)))
-        elif kind in "fij":
-            transforms.append((kind, int(num)))
-        elif part == "p":
-            opts["probe"] = 1.0
-        elif part == "q":
-            opts["probe"] = 2.0
+        elif part in ("p", "q"):
+            probe = part
         elif kind == "s":
             opts["window_share"] = float(num)
         elif kind == "w":
@@ -88,7 +88,7 @@ def parse(variant: str) -> tuple[list[tuple[str, int]], dict[str, float]]:
             opts["floor_alpha"] = float(num)
         else:
             raise SystemExit(f"unknown variant part {part!r}")
-    return transforms, opts
+    return transforms, opts, probe
 
 
 def surprising_rows(nll: np.ndarray, n_rows: int, half: int) -> np.ndarray:
@@ -122,9 +122,9 @@ def transform(scores: np.ndarray, lens: list[np.ndarray], group: int,
         for blk in split_heads(layer, lens[il], group):
             for kind, num in transforms:
                 if kind == "f":  # the first rows forced, as the window share forces rows
-                    blk[:, :num] = 2.0
+                    blk[:, :num] = WINDOW_FORCED
                 elif kind in "ij":  # forced in every head
-                    blk[:, surprising[(kind, num)]] = 2.0
+                    blk[:, surprising[(kind, num)]] = WINDOW_FORCED
                 else:
                     blk[...] = pool_rows(blk, num, kind)
     return out
@@ -176,11 +176,9 @@ def prefill_surprisal(ev: Evaluator, ctx: list[int]) -> np.ndarray:
     llm.reset()
     nll = np.zeros(len(ctx))
     for s in range(0, len(ctx), 512):
-        lg = np.asarray(llm.append_tokens(ctx[s:s + 512], all_logits=True), dtype=np.float64)
-        m = lg.max(1)
-        lse = m + np.log(np.exp(lg - m[:, None]).sum(1))
-        nxt = np.asarray(ctx[s + 1:s + 1 + len(lg)])
-        nll[s + 1:s + 1 + len(nxt)] = lse[:len(nxt)] - lg[np.arange(len(nxt)), nxt]
+        logp = log_softmax(np.asarray(llm.append_tokens(ctx[s:s + 512], all_logits=True)))
+        nxt = np.asarray(ctx[s + 1:s + 1 + len(logp)])
+        nll[s + 1:s + 1 + len(nxt)] = -logp[np.arange(len(nxt)), nxt]
     return nll
 
 
@@ -203,7 +201,7 @@ def main() -> int:
     spec = EvalSpec(tasks=(ns.task,), lengths=(ns.length,), budgets=budgets,
                     policies=(ns.policy,), modes=(MODE,), samples=ns.samples,
                     threads=ns.threads, seed=ns.seed)
-    scorer = "pred" if "kvzap" in ns.policy else "recon"
+    scorer = kvzip_scorer(ns.policy)
     records = []
     with Evaluator(spec) as ev:
         for i in range(ns.start, ns.start + ns.samples):
@@ -217,14 +215,13 @@ def main() -> int:
                     nll = prefill_surprisal(ev, p.ctx)
                     ev.llm.restore(ref.snap)
                 for v in variants:
-                    transforms, opts = parse(v)
+                    transforms, opts, probe = parse(v)
                     ref.kvzip[scorer] = transform(raw, ref.lens, ev.group, transforms, nll)
                     saved = ref.scores, ref.n_obs
-                    probe = opts.pop("probe", None)
                     if probe:  # the window share reads the probe
-                        toks = (opening_paragraph(ev, p.ctx) if probe == 1.0
+                        toks = (opening_paragraph(ev, p.ctx) if probe == "p"
                                 else self_question(ev, ref))
-                        if probe == 2.0:
+                        if probe == "q":
                             print(f"  self question: {ev.llm.detokenize(toks)!r}",
                                   file=sys.stderr, flush=True)
                         ref.scores, ref.n_obs = _probe_window(ev, ref, toks)

@@ -173,6 +173,12 @@ class _Reference:
     # context's scores by scorer ("recon", "recon_lens", "recon_seconds"; "pred", ...)
 
 
+def kvzip_scorer(policy: str) -> str:
+    """The key of a kvzip policy's scores in ``_Reference.kvzip``: ``"pred"`` (predicted,
+    the kvzap policies) or ``"recon"`` (exact reconstruction)."""
+    return "pred" if policy in KVZAP else "recon"
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Log-probabilities (float64) over the last axis of logits."""
     x = x.astype(np.float64)
@@ -345,7 +351,7 @@ class Evaluator(Closing):
         if policy in KVZIP:
             if self.spec.window_share is not None:
                 options.setdefault("window_share", self.spec.window_share)
-            scorer = "pred" if policy in KVZAP else "recon"
+            scorer = kvzip_scorer(policy)
             if scorer not in ref.kvzip:
                 ref.kvzip[scorer] = self._kvzip_scores(
                     p, ref, mode, {k: v for k, v in options.items() if k != "window_share"},
